@@ -1,0 +1,48 @@
+"""Fine-tune a small MLP on scikit-learn's bundled digits data: an autofinetune example.
+
+The train.py contract: every searched hyperparameter arrives as --<name>=<value>, the
+model is saved to --saved_params_dir, and the validation accuracy is reported once, at
+the end, with report_final_result (higher is better).
+
+    python examples/digits/train.py --learning_rate=0.001 --saved_params_dir=/tmp/m
+"""
+
+import argparse
+import os
+import pickle
+import warnings
+
+from sklearn.datasets import load_digits
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+from sklearn.preprocessing import StandardScaler
+
+from autofinetune import report_final_result
+
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--learning_rate", type=float, default=0.001)
+parser.add_argument("--alpha", type=float, default=0.0001, help="L2 penalty")
+parser.add_argument("--hidden_size", type=int, default=64)
+parser.add_argument("--batch_size", type=int, default=32)
+parser.add_argument("--epochs", type=int, default=15)
+parser.add_argument("--saved_params_dir", default="saved_params")
+parser.add_argument("--seed", type=int, default=0)
+args = parser.parse_args()
+
+X, y = load_digits(return_X_y=True)
+X_train, X_val, y_train, y_val = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+scaler = StandardScaler().fit(X_train)
+model = MLPClassifier(hidden_layer_sizes=(args.hidden_size,), learning_rate_init=args.learning_rate,
+                      alpha=args.alpha, batch_size=args.batch_size, max_iter=args.epochs,
+                      random_state=args.seed)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ConvergenceWarning)  # few epochs on purpose: it is a demo
+    model.fit(scaler.transform(X_train), y_train)
+accuracy = model.score(scaler.transform(X_val), y_val)
+print(f"epochs={args.epochs} validation accuracy={accuracy:.4f}")
+
+os.makedirs(args.saved_params_dir, exist_ok=True)
+with open(os.path.join(args.saved_params_dir, "model.pkl"), "wb") as f:
+    pickle.dump({"scaler": scaler, "model": model, "args": vars(args)}, f)
+report_final_result(accuracy)

@@ -1,0 +1,42 @@
+"""Population-Based evaluation: which checkpoint each next candidate continues from.
+
+A pure decision (like Ray Tune's ``_explore``): ``plan_parents`` takes a round's trial
+records and returns the plan; the ``select_and_copy_checkpoints`` task only carries it out
+and logs it. The rule:
+
+- parents are the best half of the round's *successful* trials that left a checkpoint,
+  ranked by score (at least one; ties by candidate number);
+- candidate i of the next round continues from ``parents[i % len(parents)]``, which is
+  deterministic (the original assigned parents in thread-completion order);
+- a failed trial or a missing checkpoint is never a parent; when a whole round failed,
+  the most recent successful parents carry over, and with none the next round starts
+  from scratch.
+"""
+
+from __future__ import annotations
+
+from tasks.rundir import trial_rank_key
+
+__all__ = ["plan_parents"]
+
+
+def plan_parents(records: list[dict], *, popsize: int, has_checkpoint: list[bool],
+                 previous: list[dict] | None) -> dict:
+    """``{"parents": [...ranked...], "assignment": [parent or None per candidate]}``.
+
+    ``records`` are one round's trial records; ``has_checkpoint[i]`` says whether
+    candidate i's saved_params_dir exists and is not empty; ``previous`` is the parents
+    list of the plan before (used when no trial of this round can be a parent).
+    """
+    eligible = [r for r, ok in zip(records, has_checkpoint) if ok and r["outcome"] == "ok"]
+    eligible.sort(key=trial_rank_key)
+    if eligible:
+        parents = [{"name": f"round{r['round']}/model-{r['candidate']}",
+                    "model_path": r["saved_params_dir"], "round": r["round"],
+                    "candidate": r["candidate"], "score": r["score"]}
+                   for r in eligible[:max(1, len(eligible) // 2)]]
+    else:
+        parents = list(previous or [])
+    assignment = [parents[i % len(parents)] if parents else None for i in range(popsize)]
+    return {"parents": parents, "assignment": assignment}
+

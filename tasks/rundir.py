@@ -1,0 +1,244 @@
+"""The run directory (``--output-dir``): the original's layout plus machine-readable state.
+
+```
+OUTPUT/
+  log_file.txt            every trial's hparams and score; the final best
+  best_model/             copy of the best trial's saved_params_dir
+  visualization/          VisualDL logs
+  round0/ .. roundN/
+    log-<i>.info          trial i's stdout+stderr
+    model-<i>/            trial i's --saved_params_dir
+    trial-<i>.json        params, score or failure kind, exit code, GPU, times, parent
+  state.json              tuner state + progress, written atomically after each step
+```
+
+Every write that another step reads back is atomic (write a temporary file, fsync,
+rename), so a kill at any instant leaves either the old or the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tasks.kill_points import kill_point
+
+__all__ = ["RunDir", "RunDirBusy", "write_json_atomic", "read_json", "trial_rank_key"]
+
+_FINAL_BEST_HEADER = "The final best hyperparameters:"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path``: temporary file, fsync, rename, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    data = json.dumps(obj, indent=1, sort_keys=False, allow_nan=False) + "\n"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> Any | None:
+    """The parsed JSON in ``path``, or None when the file does not exist."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def trial_rank_key(record: dict) -> tuple:
+    """Sort key, best first: real scores by value, then failures; ties by (round, candidate).
+
+    A failure ranks below every real score (the original scored a crash 0.0, which beat
+    real negative scores).
+    """
+    score = record.get("score")
+    ok = record.get("outcome") == "ok" and score is not None and math.isfinite(score)
+    return (0 if ok else 1, -score if ok else 0.0, record["round"], record["candidate"])
+
+
+class RunDirBusy(RuntimeError):
+    """Another live search holds this output directory."""
+
+
+class RunDir:
+    """Paths and atomic reads/writes of one search's output directory."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).resolve()
+
+    # -- layout ------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / "log_file.txt"
+
+    @property
+    def best_model(self) -> Path:
+        return self.path / "best_model"
+
+    @property
+    def visualization(self) -> Path:
+        return self.path / "visualization"
+
+    def round_dir(self, k: int) -> Path:
+        return self.path / f"round{k}"
+
+    def model_dir(self, k: int, i: int) -> Path:
+        return self.round_dir(k) / f"model-{i}"
+
+    def log_path(self, k: int, i: int) -> Path:
+        return self.round_dir(k) / f"log-{i}.info"
+
+    def trial_path(self, k: int, i: int) -> Path:
+        return self.round_dir(k) / f"trial-{i}.json"
+
+    def result_path(self, k: int, i: int) -> Path:
+        """The per-trial file that ``report_final_result`` writes (removed once read)."""
+        return self.round_dir(k) / f".result-{i}"
+
+    def pid_path(self, k: int, i: int) -> Path:
+        """``<pid> <start time>`` of trial i's running process group (removed when it ends)."""
+        return self.round_dir(k) / f".pid-{i}"
+
+    def pid_files(self) -> list[Path]:
+        return sorted(self.path.glob("round*/.pid-*"))
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run directory for this process: a second live search on it is refused.
+
+        An ``fcntl.flock`` on ``OUTPUT/.lock``: the kernel drops it when the holder dies,
+        so a killed search never leaves the directory stuck.
+        """
+        path = self.path / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirBusy(f"{self.path}: another autofinetune run (pid {holder}) is using this "
+                             "output directory; wait for it to finish or choose another --output-dir")
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- state -------------------------------------------------------------------------
+    def read_state(self) -> dict | None:
+        return read_json(self.state_path)
+
+    def write_state(self, state: dict) -> None:
+        write_json_atomic(self.state_path, state)
+
+    def read_trial(self, k: int, i: int) -> dict | None:
+        return read_json(self.trial_path(k, i))
+
+    def write_trial(self, record: dict) -> None:
+        write_json_atomic(self.trial_path(record["round"], record["candidate"]), record)
+
+    def trials(self, rounds: int | None = None) -> list[dict]:
+        """Every recorded trial of rounds ``0 .. rounds-1`` (all rounds when None), in order."""
+        records = []
+        k = 0
+        while (rounds is None or k < rounds) and self.round_dir(k).is_dir():
+            files = sorted(self.round_dir(k).glob("trial-*.json"),
+                           key=lambda p: int(p.stem.split("-")[1]))
+            records.extend(read_json(p) for p in files)
+            k += 1
+        return records
+
+    # -- best_model --------------------------------------------------------------------
+    def replace_best_model(self, src: Path) -> None:
+        """Make ``best_model/`` a copy of ``src``, replacing any earlier copy atomically.
+
+        The copy is built beside the target and renamed into place, so ``best_model``
+        is always either the old complete copy or the new one (the original failed on
+        re-run because the folder already existed).
+        """
+        src = Path(src)
+        staging = self.path / ".best_model.new"
+        old = self.path / ".best_model.old"
+        for leftover in (staging, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        if src.is_dir():
+            shutil.copytree(src, staging)
+        else:  # the trial saved nothing: best_model is an empty folder, not an error
+            staging.mkdir()
+        kill_point("best_model_copied")
+        if self.best_model.exists():
+            os.rename(self.best_model, old)
+        os.rename(staging, self.best_model)
+        _fsync_dir(self.path)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def recover_best_model(self) -> None:
+        """Finish a ``replace_best_model`` that a kill interrupted between its two renames."""
+        old = self.path / ".best_model.old"
+        if not self.best_model.exists() and old.exists():
+            os.rename(old, self.best_model)
+        for leftover in (self.path / ".best_model.new", old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+
+    # -- log_file.txt ------------------------------------------------------------------
+    def write_log_file(self, names: list[str], trials: list[dict], *, final: bool) -> None:
+        """Rewrite ``log_file.txt``: the best so far in the original's wording, then one
+        row per trial (hyperparameters, score, saved_params_dir, and what the original
+        lacked: round, candidate, outcome and parent checkpoint)."""
+        ok = [t for t in trials if t.get("outcome") == "ok"]
+        lines = []
+        if ok:
+            best = min(ok, key=trial_rank_key)
+            lines.append(_FINAL_BEST_HEADER if final else "The best hyperparameters so far:")
+            lines += [f"{n}\t:\t{best['params'][n]}" for n in names]
+            lines.append(f"The final best eval score is {best['score']}." if final
+                         else f"The best eval score so far is {best['score']}.")
+            lines.append(f"The final best model parameters are saved as {self.best_model} ."
+                         if final else f"The best model parameters so far are saved as {self.best_model} .")
+        else:
+            lines.append("No trial has produced a score yet.")
+        lines.append("\t".join([*names, "score", "saved_params_dir", "round", "candidate",
+                                "outcome", "parent"]))
+        for t in trials:
+            score = t["score"] if t.get("outcome") == "ok" else "-"
+            lines.append("\t".join([*(str(t["params"][n]) for n in names), str(score),
+                                    t["saved_params_dir"], str(t["round"]), str(t["candidate"]),
+                                    t["outcome"], t.get("parent") or "-"]))
+        _write_text_atomic(self.log_file, "\n".join(lines) + "\n")

@@ -1,0 +1,122 @@
+"""GPU slots: where each trial runs, and at most K trials per GPU across processes.
+
+``--gpu 0,1 --trials-per-gpu 2`` gives four slots: (gpu 0, #0), (gpu 0, #1), (gpu 1, #0),
+(gpu 1, #1). Without ``--gpu`` the GPUs NVML reports are used; with none, ``--cpu-slots N``
+CPU slots run trials with ``CUDA_VISIBLE_DEVICES`` set to the empty string.
+
+A trial takes a slot the moment one frees (the original ran candidates in waves of
+``len(gpus)`` and left GPUs idle while a wave's slowest trial ran). Each GPU slot also
+holds an exclusive ``fcntl.flock`` on a per-(GPU, #) lock file, so two searches on one
+host with overlapping ``--gpu`` lists never put more than K trials on one GPU; the
+kernel drops the lock when its holder dies, so a killed search leaves nothing stuck.
+
+The interface a scheduler needs is small: ``SlotPool.acquire(stop)`` as a context manager
+yielding a ``Slot``. A Dask cluster whose workers each own a GPU can provide the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["Slot", "SlotPool", "SlotWaitInterrupted", "make_slots", "default_lock_dir"]
+
+LOCK_DIR_ENV = "AUTOFINETUNE_LOCK_DIR"
+_POLL_S = 0.1  # how often a waiter re-tries GPU locks held by another process
+
+
+@dataclass(frozen=True)
+class Slot:
+    index: int  # position in the pool, 0-based
+    gpu: str | None  # GPU id given to the trial as CUDA_VISIBLE_DEVICES; None = CPU slot
+    ordinal: int = 0  # which of the GPU's --trials-per-gpu places this is
+
+    @property
+    def cuda_visible_devices(self) -> str:
+        return "" if self.gpu is None else self.gpu
+
+    def describe(self) -> str:
+        return f"cpu-slot {self.index}" if self.gpu is None else f"gpu {self.gpu} (place {self.ordinal})"
+
+
+class SlotWaitInterrupted(Exception):
+    """A stop was requested while waiting for a slot: the trial must not start."""
+
+
+def make_slots(gpus: list[str] | None, *, trials_per_gpu: int, cpu_slots: int) -> list[Slot]:
+    """One slot per GPU per place (GPU-major order, so trials spread over GPUs first)."""
+    if gpus:
+        places = [(gpu, j) for j in range(trials_per_gpu) for gpu in gpus]
+        return [Slot(index=n, gpu=gpu, ordinal=j) for n, (gpu, j) in enumerate(places)]
+    return [Slot(index=n, gpu=None) for n in range(cpu_slots)]
+
+
+def default_lock_dir() -> Path:
+    return Path(os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / "autofinetune-gpu-locks")
+
+
+class SlotPool:
+    """Hands out free slots to threads; GPU slots are also locked across processes."""
+
+    def __init__(self, slots: list[Slot], *, lock_dir: Path | None = None) -> None:
+        if not slots:
+            raise ValueError("a SlotPool needs at least one slot")
+        self.slots = list(slots)
+        self._free = list(slots)
+        self._cond = threading.Condition()
+        self._lock_dir = Path(lock_dir) if lock_dir else default_lock_dir()
+        self._held: dict[int, int] = {}  # slot index -> fd of its flock'ed file
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def _try_lock(self, slot: Slot) -> bool:
+        if slot.gpu is None:
+            return True
+        self._lock_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(PermissionError):
+            os.chmod(self._lock_dir, 0o1777)  # shared by every user's searches on the host
+        path = self._lock_dir / f"gpu-{slot.gpu}.{slot.ordinal}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._held[slot.index] = fd
+        return True
+
+    @contextlib.contextmanager
+    def acquire(self, stop: threading.Event | None = None) -> Iterator[Slot]:
+        """Block until a slot is free (here and, for GPUs, in every other process)."""
+        slot = self._take(stop)
+        try:
+            yield slot
+        finally:
+            self._give_back(slot)
+
+    def _take(self, stop: threading.Event | None) -> Slot:
+        with self._cond:
+            while True:
+                if stop is not None and stop.is_set():
+                    raise SlotWaitInterrupted()
+                for slot in self._free:
+                    if self._try_lock(slot):
+                        self._free.remove(slot)
+                        return slot
+                self._cond.wait(timeout=_POLL_S)
+
+    def _give_back(self, slot: Slot) -> None:
+        with self._cond:
+            fd = self._held.pop(slot.index, None)
+            if fd is not None:
+                os.close(fd)  # closing the descriptor releases the flock
+            self._free.append(slot)
+            self._free.sort(key=lambda s: s.index)
+            self._cond.notify()

@@ -1,0 +1,238 @@
+"""One trial: train.py as a real subprocess on one slot, and what became of it.
+
+The child gets an argv list (never a shell): ``--<name>=<value>`` per hyperparameter in
+YAML order, ``--saved_params_dir=<dir>``, for Population-Based rounds after the first
+``--model_path=<parent dir>`` (and ``--epochs``), then the forwarded extras. It runs in
+its own process group with ``CUDA_VISIBLE_DEVICES`` set to its slot's GPU (empty on a CPU
+slot), stdout+stderr into ``round<k>/log-<i>.info``, and reports its score by writing the
+file named in ``AUTOFINETUNE_RESULT_FILE`` (see ``autofinetune.report_final_result``).
+
+Outcomes (``trial-<i>.json`` field ``outcome``):
+  ok             exit 0 and a finite score
+  crashed        non-zero exit status (a score it may have reported is ignored)
+  killed         ended by a signal it did not ask for (OOM killer, a kill -9)
+  no_result      exit 0 but never reported
+  invalid_score  reported something that is not a finite number
+  timeout        ran past --trial-timeout; its whole process group was killed
+  failed_to_start  the interpreter or script could not be executed
+  interrupted    the search was stopped while it ran, or before it started (not final:
+                 a resumed search runs it again)
+Only ``killed`` and ``failed_to_start`` are retried (``--trial-retries``): an error exit or
+a bad score would only repeat.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from autofinetune import RESULT_FILE_ENV
+from tasks.slots import Slot
+
+__all__ = ["TrialSpec", "build_argv", "run_trial", "FINAL_OUTCOMES", "RETRYABLE_OUTCOMES",
+           "crash_warning", "log_tail", "reap_orphans", "process_start_time"]
+
+FINAL_OUTCOMES = frozenset({"ok", "crashed", "killed", "no_result", "invalid_score", "timeout",
+                            "failed_to_start"})
+RETRYABLE_OUTCOMES = frozenset({"killed", "failed_to_start"})
+_TERM_GRACE_S = 5.0  # between SIGTERM and SIGKILL of a trial's process group
+_POLL_S = 0.05  # how often a running trial checks its deadline and the stop flag
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    round: int
+    candidate: int
+    params: dict  # name -> value, YAML order
+    flags: list  # [[name, value-as-text], ...] for the hyperparameters, YAML order
+    python: str
+    script: str
+    cwd: str
+    saved_params_dir: str
+    log_path: str
+    result_path: str
+    pid_path: str  # "<pid> <start time>" while the process group runs: a resume reaps orphans
+    model_path: str | None = None  # parent checkpoint (Population-Based rounds after the first)
+    parent: str | None = None  # the parent as "round<k>/model-<i>"
+    extras: list = field(default_factory=list)  # [[KEY, VALUE], ...] forwarded as --KEY=VALUE
+    timeout_s: float | None = None
+    retries: int = 0
+
+
+def build_argv(spec: TrialSpec) -> list[str]:
+    argv = [spec.python, spec.script]
+    argv += [f"--{name}={value}" for name, value in spec.flags]
+    argv.append(f"--saved_params_dir={spec.saved_params_dir}")
+    if spec.model_path is not None:
+        argv.append(f"--model_path={spec.model_path}")
+    argv += [f"--{key}={value}" for key, value in spec.extras]
+    return argv
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (tells a live process from a reused pid), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def reap_orphans(pid_files: list[Path]) -> list[int]:
+    """Kill the process groups of trials whose search was SIGKILLed (their pid files remain).
+
+    Such an orphan would otherwise go on writing into the model dir that the resumed run
+    gives to the re-run of the same trial. Returns the process groups killed.
+    """
+    killed = []
+    for path in pid_files:
+        try:
+            pid_text, start = path.read_text().split()
+        except (FileNotFoundError, ValueError):
+            path.unlink(missing_ok=True)
+            continue
+        pid = int(pid_text)
+        if process_start_time(pid) == start:
+            _kill_group(pid, signal.SIGKILL)
+            killed.append(pid)
+        path.unlink(missing_ok=True)
+    return killed
+
+
+def _read_score(path: Path) -> tuple[float | None, str | None]:
+    """(score, None) or (None, why it is not a score)."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None, "no_result"
+    try:
+        score = float(text)
+    except ValueError:
+        return None, f"invalid_score: {text[:80]!r} is not a number"
+    if not math.isfinite(score):
+        return None, f"invalid_score: {score!r}"
+    return score, None
+
+
+def _run_once(spec: TrialSpec, slot: Slot, stop: threading.Event) -> dict:
+    """Launch the child once and wait for it; the record's outcome fields."""
+    result_path = Path(spec.result_path)
+    result_path.unlink(missing_ok=True)  # a stale score from an interrupted attempt never counts
+    Path(spec.saved_params_dir).mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update({RESULT_FILE_ENV: str(result_path), "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
+                "PYTHONUNBUFFERED": "1"})
+    if stop.is_set():
+        return {"outcome": "interrupted", "exit_code": None, "error": "stopped before launch"}
+    with open(spec.log_path, "ab") as log:
+        try:
+            proc = subprocess.Popen(build_argv(spec), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=spec.cwd, env=env,
+                                    start_new_session=True)
+        except OSError as exc:
+            log.write(f"autofinetune: failed to start: {exc}\n".encode())
+            return {"outcome": "failed_to_start", "exit_code": None, "error": str(exc)}
+    pid_path = Path(spec.pid_path)
+    pid_path.write_text(f"{proc.pid} {process_start_time(proc.pid)}\n")
+    deadline = None if spec.timeout_s is None else time.monotonic() + spec.timeout_s
+    why_killed = None
+    while True:
+        try:
+            code = proc.wait(timeout=_POLL_S)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if why_killed is None and (stop.is_set() or (deadline and time.monotonic() > deadline)):
+            why_killed = "interrupted" if stop.is_set() else "timeout"
+            _kill_group(proc.pid, signal.SIGTERM)
+            try:
+                code = proc.wait(timeout=_TERM_GRACE_S)
+                break
+            except subprocess.TimeoutExpired:
+                _kill_group(proc.pid, signal.SIGKILL)
+    # Whatever the leader did, nothing of the trial outlives it (dataloader workers, shells).
+    _kill_group(proc.pid, signal.SIGKILL)
+    pid_path.unlink(missing_ok=True)
+    if why_killed == "timeout":
+        return {"outcome": "timeout", "exit_code": code,
+                "error": f"ran past --trial-timeout {spec.timeout_s:g}s; process group killed"}
+    if why_killed == "interrupted":
+        return {"outcome": "interrupted", "exit_code": code, "error": "search stopped"}
+    if code < 0:
+        return {"outcome": "killed", "exit_code": code,
+                "error": f"killed by signal {signal.Signals(-code).name}"}
+    if code != 0:
+        return {"outcome": "crashed", "exit_code": code, "error": f"exit status {code}"}
+    score, why = _read_score(result_path)
+    result_path.unlink(missing_ok=True)
+    if why is not None:
+        return {"outcome": why.split(":")[0], "exit_code": code,
+                "error": "exit 0 without report_final_result()" if why == "no_result" else why}
+    return {"outcome": "ok", "exit_code": code, "score": score}
+
+
+def run_trial(spec: TrialSpec, slot: Slot, *, stop: threading.Event) -> dict:
+    """Run the trial (with retries of signal kills and failed starts) and return its record."""
+    Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(spec.log_path).write_bytes(b"")  # a re-run (resume) starts a fresh log
+    started, t0 = _now(), time.monotonic()
+    attempts = []
+    while True:
+        outcome = _run_once(spec, slot, stop)
+        attempts.append(outcome)
+        if outcome["outcome"] not in RETRYABLE_OUTCOMES or len(attempts) > spec.retries or stop.is_set():
+            break
+        with open(spec.log_path, "ab") as log:
+            log.write(f"\nautofinetune: attempt {len(attempts)} {outcome['outcome']} "
+                      f"({outcome.get('error')}); retrying\n".encode())
+    record = {
+        "round": spec.round, "candidate": spec.candidate, "params": spec.params,
+        "score": None, "error": None, **attempts[-1],
+        "attempts": len(attempts),
+        "retried_after": [a["outcome"] for a in attempts[:-1]],
+        "slot": slot.index, "gpu": slot.gpu,
+        "started_at": started, "ended_at": _now(), "duration_s": round(time.monotonic() - t0, 3),
+        "saved_params_dir": spec.saved_params_dir, "model_path": spec.model_path,
+        "parent": spec.parent, "log": spec.log_path, "argv": build_argv(spec),
+    }
+    return record
+
+
+def crash_warning(record: dict) -> str:
+    """The original's warning for a failed trial, plus what failed and where its log is."""
+    params = ", ".join(f"{k}={v}" for k, v in record["params"].items())
+    return (f"WARNING: Program which was ran with hyperparameters as {params} was crashed! "
+            f"({record['outcome']}: {record.get('error')}; log: {record['log']})")
+
+
+def log_tail(path: str | Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a trial log (what goes to the Prefect task log)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            tail = deque(f.read().decode(errors="replace").splitlines(), maxlen=lines)
+    except FileNotFoundError:
+        return ""
+    return "\n".join(tail)
+

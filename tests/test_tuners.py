@@ -1,0 +1,484 @@
+"""The tuner contract, one suite for every tuner, then what is particular to each.
+
+The ``tuner_name`` fixture runs each contract test for every name in TUNER_NAMES; a new
+tuner passes this file before it is wired into the pipeline.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tuners import (
+    TUNER_NAMES, ChoiceParam, FloatParam, HAZeroConfig, IntParam, PSHE2Config, SearchSpace,
+    TunerStateError, TunerStateVersionError, make_tuner,
+)
+
+MIXED = SearchSpace.from_dict({"param_list": [
+    {"name": "lr", "type": "float", "log": True, "init_value": 1e-3, "greater_than": 1e-6, "lower_than": 1.0},
+    {"name": "dropout", "type": "float", "init_value": 0.5, "greater_than": 0.0, "lower_than": 0.9},
+    {"name": "batch_size", "type": "int", "init_value": 32, "greater_than": 8, "lower_than": 64},
+    {"name": "units", "type": "int", "log": True, "init_value": 64, "greater_than": 4, "lower_than": 1024},
+    {"name": "optimizer", "type": "choice", "init_value": "adam", "values": ["adam", "sgd", 0.5, 3, True]},
+]}, source="mixed")
+
+ONE = SearchSpace.from_dict({"param_list": [
+    {"name": "x", "type": "float", "init_value": -0.5, "greater_than": -1.0, "lower_than": 1.0}]})
+
+
+def objective(params: dict) -> float:
+    """A smooth score on MIXED, best 0 at lr=1e-2, dropout=0.2, batch_size=20, units=256, 'sgd'."""
+    return -((math.log10(params["lr"]) + 2) ** 2 + ((params["dropout"] - 0.2) / 0.3) ** 2
+             + ((params["batch_size"] - 20) / 20) ** 2 + math.log2(params["units"] / 256) ** 2 / 4
+             + (params["optimizer"] != "sgd"))
+
+
+def drive(tuner, rounds: int, f=objective, fail=()) -> list[list[dict]]:
+    """Run ``rounds`` rounds; candidate indices in ``fail`` report failure. The asked rounds."""
+    asked = []
+    for _ in range(rounds):
+        candidates = tuner.ask()
+        asked.append(candidates)
+        tuner.tell([None if i in fail else f(c) for i, c in enumerate(candidates)])
+    return asked
+
+
+def dumps(tuner) -> str:
+    return json.dumps(tuner.state_dict(), allow_nan=False, sort_keys=True)
+
+
+def restored(tuner, *, seed: int = 12345):
+    """A fresh tuner (another seed on purpose) loaded from ``tuner``'s state through JSON."""
+    fresh = make_tuner(tuner.name, tuner.space, popsize=tuner.popsize, seed=seed, config=tuner.config)
+    fresh.load_state_dict(json.loads(dumps(tuner)))
+    return fresh
+
+
+@pytest.fixture(params=TUNER_NAMES)
+def tuner_name(request) -> str:
+    return request.param
+
+
+# --- the contract --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("popsize", [1, 3, 6])
+def test_candidates_are_legal_values(tuner_name, popsize):
+    tuner = make_tuner(tuner_name, MIXED, popsize=popsize, seed=0)
+    for candidates in drive(tuner, 12, fail={1}):
+        assert len(candidates) == popsize
+        for c in candidates:
+            assert list(c) == list(MIXED.names)
+            MIXED.normalize(c)  # raises unless every value is legal
+            for p in MIXED.params:
+                v = c[p.name]
+                if isinstance(p, FloatParam):
+                    assert type(v) is float and p.low <= v <= p.high
+                elif isinstance(p, IntParam):
+                    assert type(v) is int and p.low <= v <= p.high
+                else:
+                    assert isinstance(p, ChoiceParam) and any(v is w for w in p.values)
+
+
+@pytest.mark.parametrize("popsize", [1, 5])
+def test_first_candidate_is_exactly_the_init_value(tuner_name, popsize):
+    tuner = make_tuner(tuner_name, MIXED, popsize=popsize, seed=3)
+    first = tuner.ask()[0]
+    assert first == MIXED.init_params()
+    assert [type(v) for v in first.values()] == [float, float, int, int, str]
+
+
+def test_same_seed_same_candidates(tuner_name):
+    a = make_tuner(tuner_name, MIXED, popsize=4, seed=7)
+    b = make_tuner(tuner_name, MIXED, popsize=4, seed=7)
+    assert drive(a, 8, fail={2}) == drive(b, 8, fail={2})
+    assert dumps(a) == dumps(b)
+
+
+def test_different_seeds_differ(tuner_name):
+    a = drive(make_tuner(tuner_name, MIXED, popsize=4, seed=1), 3)
+    b = drive(make_tuner(tuner_name, MIXED, popsize=4, seed=2), 3)
+    assert a[0][0] == b[0][0] == MIXED.init_params()  # the shared start
+    assert a != b
+
+
+def test_seed_none_draws_a_seed_and_records_it(tuner_name):
+    a = make_tuner(tuner_name, MIXED, popsize=4)
+    b = make_tuner(tuner_name, MIXED, popsize=4)
+    assert isinstance(a.seed, int) and a.state_dict()["seed"] == a.seed and a.seed != b.seed
+    again = make_tuner(tuner_name, MIXED, popsize=4, seed=a.state_dict()["seed"])
+    assert drive(a, 3) == drive(again, 3)
+
+
+def test_best_is_the_highest_real_score(tuner_name):
+    tuner = make_tuner(tuner_name, MIXED, popsize=5, seed=0)
+    assert tuner.best == (None, None)
+    seen = []
+    for candidates in drive(tuner, 6, fail={0}):
+        seen += [(objective(c), c) for c in candidates[1:]]
+    score, params = max(seen, key=lambda s: s[0])
+    assert tuner.best == (params, score)
+
+
+def test_failures_rank_below_negative_scores(tuner_name):
+    tuner = make_tuner(tuner_name, MIXED, popsize=5, seed=0)
+    candidates = tuner.ask()
+    tuner.tell([None, -50.0, None, -70.0, None])  # the original scored a crash 0.0: it would win
+    assert tuner.best == (candidates[1], -50.0)
+    tuner.ask()
+    tuner.tell([None] * 5)
+    assert tuner.best == (candidates[1], -50.0)
+
+
+def test_a_failure_is_never_best(tuner_name):
+    tuner = make_tuner(tuner_name, MIXED, popsize=3, seed=0)
+    tuner.ask()
+    tuner.tell([None, None, None])
+    assert tuner.best == (None, None)
+
+
+def test_all_failed_round_yields_a_fresh_round(tuner_name):
+    tuner = make_tuner(tuner_name, MIXED, popsize=5, seed=0)
+    drive(tuner, 2)
+    before = tuner.ask()
+    tuner.tell([None] * 5)
+    after = tuner.ask()
+    assert after != before
+    for c in after:
+        MIXED.normalize(c)
+    assert tuner.rounds_told == 3
+
+
+BAD_SCORES = [
+    ([0.1] * 4, ValueError, r"got 4 scores for 5 pending candidates"),
+    ([0.1] * 6, ValueError, r"got 6 scores for 5 pending candidates"),
+    ([0.1, math.nan, 0.1, 0.1, 0.1], ValueError, r"scores\[1\]=nan is not finite"),
+    ([0.1, 0.1, math.inf, 0.1, 0.1], ValueError, r"scores\[2\]=inf is not finite"),
+    ([0.1, 0.1, 0.1, -math.inf, 0.1], ValueError, r"scores\[3\]=-inf is not finite"),
+    ([0.1, "0.5", 0.1, 0.1, 0.1], ValueError, r"scores\[1\]='0.5' is not a number"),
+    ([True, 0.1, 0.1, 0.1, 0.1], ValueError, r"scores\[0\]=True is not a number"),
+    ("0.1", ValueError, r"scores must be a list"),
+    (None, ValueError, r"scores must be a list"),
+]
+
+
+@pytest.mark.parametrize("scores, error, message", BAD_SCORES)
+def test_rejected_tell_changes_nothing(tuner_name, scores, error, message):
+    tuner = make_tuner(tuner_name, MIXED, popsize=5, seed=0)
+    drive(tuner, 2)
+    candidates = tuner.ask()
+    before = dumps(tuner)
+    with pytest.raises(error, match=message):
+        tuner.tell(scores)
+    assert dumps(tuner) == before
+    assert tuner.pending == candidates
+    tuner.tell([0.1, np.float64(0.2), 3, np.int64(4), None])  # numpy numbers and ints are fine
+    assert tuner.rounds_told == 3
+
+
+def test_ask_twice_and_tell_without_ask_raise(tuner_name):
+    tuner = make_tuner(tuner_name, MIXED, popsize=2, seed=0)
+    with pytest.raises(RuntimeError, match=r"tell\(\) without a pending ask\(\)"):
+        tuner.tell([0.0, 0.0])
+    candidates = tuner.ask()
+    with pytest.raises(RuntimeError, match=r"ask\(\) called twice without tell\(\)"):
+        tuner.ask()
+    assert tuner.pending == candidates
+    tuner.tell([0.0, 0.0])
+    assert tuner.pending is None
+    with pytest.raises(RuntimeError, match=r"tell\(\) without a pending ask\(\)"):
+        tuner.tell([0.0, 0.0])
+
+
+@pytest.mark.parametrize("popsize", [1, 3, 5])
+def test_state_round_trip_after_tell_is_bit_identical(tuner_name, popsize):
+    tuner = make_tuner(tuner_name, MIXED, popsize=popsize, seed=0)
+    drive(tuner, 5, fail={1})
+    copy_ = restored(tuner)
+    assert dumps(copy_) == dumps(tuner)
+    assert drive(copy_, 6, fail={1}) == drive(tuner, 6, fail={1})
+    assert dumps(copy_) == dumps(tuner)
+    assert copy_.best == tuner.best and copy_.rounds_told == tuner.rounds_told == 11
+
+
+@pytest.mark.parametrize("popsize", [1, 3, 5])
+def test_state_round_trip_between_ask_and_tell(tuner_name, popsize):
+    tuner = make_tuner(tuner_name, MIXED, popsize=popsize, seed=0)
+    drive(tuner, 3)
+    candidates = tuner.ask()
+    copy_ = restored(tuner)  # killed right after ask: the pipeline restores this state
+    assert copy_.pending == candidates
+    with pytest.raises(RuntimeError, match="called twice"):
+        copy_.ask()
+    scores = [objective(c) for c in candidates]
+    tuner.tell(scores)
+    copy_.tell(scores)
+    assert dumps(copy_) == dumps(tuner)
+    assert drive(copy_, 5, fail={0}) == drive(tuner, 5, fail={0})
+
+
+def test_state_is_strict_json_at_any_time(tuner_name):
+    tuner = make_tuner(tuner_name, MIXED, popsize=4, seed=0)
+    for _ in range(4):
+        state = tuner.state_dict()
+        assert json.loads(json.dumps(state, allow_nan=False)) == state
+        assert state["version"] == 1 and state["tuner"] == tuner_name and state["space"] == MIXED.to_dict()
+        candidates = tuner.ask()
+        assert tuner.state_dict()["pending"] == candidates
+        tuner.tell([objective(c) for c in candidates])
+
+
+def test_state_of_another_version_is_refused(tuner_name):
+    tuner = make_tuner(tuner_name, MIXED, popsize=4, seed=0)
+    state = tuner.state_dict()
+    for version in (2, 0, None, "1"):
+        bad = dict(state, version=version)
+        with pytest.raises(TunerStateVersionError, match=rf"version {version!r} cannot be read .* reads version 1"):
+            make_tuner(tuner_name, MIXED, popsize=4, seed=0).load_state_dict(bad)
+
+
+def _break(state, path, value=None, *, delete=False):
+    state = copy.deepcopy(state)
+    *parents, last = path
+    target = state
+    for key in parents:
+        target = target[key]
+    if delete:
+        del target[last]
+    else:
+        target[last] = value
+    return state
+
+
+def test_corrupt_or_mismatched_state_is_refused_and_changes_nothing(tuner_name):
+    tuner = make_tuner(tuner_name, MIXED, popsize=4, seed=0)
+    drive(tuner, 3)
+    tuner.ask()
+    state = json.loads(dumps(tuner))
+    other = "pshe2" if tuner_name == "hazero" else "hazero"
+    other_space = SearchSpace.from_dict(_break(MIXED.to_dict(), ["param_list", 2, "lower_than"], 128))
+    cases = [
+        (_break(state, ["tuner"], other), rf"the state is of tuner '{other}', not '{tuner_name}'"),
+        (_break(state, ["popsize"], 5), r"the state has popsize=5, this tuner popsize=4"),
+        (_break(state, ["space"], other_space.to_dict()),
+         r"another search space: param_list\[2\] \(batch_size\) is .*'lower_than': 128.* in the state, "
+         r".*'lower_than': 64.* here"),
+        (_break(state, ["space", "param_list"], []), r"corrupt .* tuner state: .*param_list is empty"),
+        (_break(state, ["config"], {"nonsense": 1}), r"corrupt .* tuner state: TypeError"),
+        (_break(state, ["rng"], delete=True), r"corrupt tuner state: missing key 'rng'"),
+        (_break(state, ["rng"], {"bit_generator": "PCG64"}), r"corrupt .* tuner state"),
+        (_break(state, ["rounds_told"], -1), r"rounds_told=-1 must be an int >= 0"),
+        (_break(state, ["pending"], [{"lr": 5.0}] * 4), r"corrupt .* tuner state"),
+        (_break(state, ["best"], {"params": {}, "score": 1.0}), r"corrupt .* tuner state"),
+        (_break(state, ["algorithm"], {}), r"corrupt tuner state: missing key"),
+        ("not a mapping", r"tuner state must be a mapping"),
+    ]
+    if tuner_name == "hazero":
+        cases += [
+            (_break(state, ["algorithm", "optimizer", "cma", "_mean"], delete=True),
+             r"does not fit cmaes .*attributes \['_mean'\] differ"),
+            (_break(state, ["algorithm", "optimizer", "rng", "state", "key"], [1, 2]), r"corrupt hazero tuner state"),
+            (_break(state, ["algorithm", "pending_x"], [[0.0] * 5] * 3), r"3 pending samples for popsize 4"),
+            (_break(state, ["pending"], None), r"pending candidates and their CMA-ES samples disagree"),
+        ]
+    else:
+        cases += [
+            (_break(state, ["algorithm", "positions"], [[2.0] * 5] * 4), r"positions leaves the box"),
+            (_break(state, ["algorithm", "momenta"], [[0.0] * 5] * 3), r"momenta has shape \(3, 5\)"),
+            (_break(state, ["algorithm", "global_best_score"], None), r"global best position and score disagree"),
+        ]
+    before = dumps(tuner)
+    for bad, message in cases:
+        with pytest.raises(TunerStateError, match=message):
+            tuner.load_state_dict(bad)
+        assert dumps(tuner) == before
+
+
+def test_config_mismatch_is_refused():
+    tuner = make_tuner("hazero", MIXED, popsize=4, seed=0, config=HAZeroConfig(sigma=0.3))
+    with pytest.raises(TunerStateError, match=r"made with HAZeroConfig\(sigma=0.3.*this tuner has HAZeroConfig\(sigma=0.2"):
+        make_tuner("hazero", MIXED, popsize=4, seed=0).load_state_dict(tuner.state_dict())
+
+
+def test_make_tuner_names_and_arguments():
+    assert TUNER_NAMES == ("hazero", "pshe2")
+    assert make_tuner("HAZero", ONE, popsize=2, seed=0).name == "hazero"
+    assert make_tuner("PSHE2", ONE, popsize=2, seed=0).name == "pshe2"
+    with pytest.raises(ValueError, match=r"unknown tuner 'cma'; choose one of: hazero, pshe2"):
+        make_tuner("cma", ONE, popsize=2)
+    for popsize in (0, -1, True, 2.0, None):
+        with pytest.raises(ValueError, match=rf"popsize must be an int >= 1, got popsize={popsize!r}"):
+            make_tuner("hazero", ONE, popsize=popsize)
+    with pytest.raises(ValueError, match=r"seed must be None or an int >= 0, got seed=-1"):
+        make_tuner("pshe2", ONE, popsize=2, seed=-1)
+    with pytest.raises(ValueError, match=r"config for hazero must be a HAZeroConfig, got PSHE2Config"):
+        make_tuner("hazero", ONE, popsize=2, config=PSHE2Config())
+    with pytest.raises(ValueError, match=r"sigma must be in \(0, 2\]"):
+        HAZeroConfig(sigma=0.0)
+    with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\], got epsilon=1.5"):
+        PSHE2Config(epsilon=1.5)
+
+
+# --- PSHE2 ---------------------------------------------------------------------------------
+
+
+def test_pshe2_particles_have_their_own_momenta():
+    # the original's [[0] * n] * popsize made every particle share one momentum row
+    tuner = make_tuner("pshe2", MIXED, popsize=5, seed=0)
+    drive(tuner, 3)
+    momenta = np.array(tuner.state_dict()["algorithm"]["momenta"])
+    assert len({tuple(row) for row in momenta}) == 5
+    personal = tuner.state_dict()["algorithm"]["personal_best_positions"]
+    assert len({tuple(row) for row in personal}) == 5
+
+
+def test_pshe2_positions_stay_in_the_box():
+    # a score that keeps pulling past the upper bound: the original's positions left [-1, 1]
+    tuner = make_tuner("pshe2", MIXED, popsize=5, seed=0, config=PSHE2Config(alpha=1.5))
+    for _ in range(15):
+        candidates = tuner.ask()
+        tuner.tell([c["dropout"] + c["batch_size"] for c in candidates])
+        positions = np.array(tuner.state_dict()["algorithm"]["positions"])
+        assert np.all(np.abs(positions) <= 1.0)
+    assert tuner.best[0]["batch_size"] == 64
+
+
+def test_pshe2_update_follows_the_equations():
+    # with ε = 0 there is no perturbation, so one round is eqs. (1)-(2) exactly
+    alpha = 0.5
+    tuner = make_tuner("pshe2", ONE, popsize=3, seed=0, config=PSHE2Config(alpha=alpha, epsilon=0.0))
+    drive(tuner, 1, f=lambda c: -abs(c["x"] - 0.9))
+    before = tuner.state_dict()["algorithm"]
+    x = np.array(before["positions"])
+    m = np.array(before["momenta"])
+    p = np.array(before["personal_best_positions"])
+    g = np.array(before["global_best_position"])
+    candidates = tuner.ask()
+    tuner.tell([-abs(c["x"] - 0.9) for c in candidates])  # same x: p, g move to x where better
+    scores = [-abs(ONE.denormalize(xi)["x"] - 0.9) for xi in x]
+    p_new = np.where(np.array(scores)[:, None] >= np.array(before["personal_best_scores"])[:, None], x, p)
+    g_new = x[int(np.argmax(scores))] if max(scores) >= before["global_best_score"] else g
+    t = 2
+    m_new = (1 - 3 * alpha / t) * m - alpha * (x - p_new) - alpha * (x - g_new)  # eq. (1)
+    after = tuner.state_dict()["algorithm"]
+    np.testing.assert_allclose(after["momenta"], m_new, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(after["positions"], np.clip(x + alpha * m_new, -1, 1), rtol=0, atol=1e-15)  # eq. (2)
+
+
+def test_pshe2_failed_particle_gets_no_personal_best():
+    tuner = make_tuner("pshe2", ONE, popsize=3, seed=0)
+    tuner.ask()
+    tuner.tell([None, 0.5, None])
+    algorithm = tuner.state_dict()["algorithm"]
+    assert algorithm["personal_best_scores"] == [None, 0.5, None]
+    assert algorithm["personal_best_positions"][0] is None
+    assert algorithm["global_best_score"] == 0.5
+
+
+# --- HAZero --------------------------------------------------------------------------------
+
+
+def test_hazero_one_hyperparameter_converges():
+    # pycma (the original's CMA-ES) refused a single hyperparameter
+    tuner = make_tuner("hazero", ONE, popsize=5, seed=0)
+    drive(tuner, 20, f=lambda c: -(c["x"] - 0.3) ** 2)
+    assert tuner.best[0]["x"] == pytest.approx(0.3, abs=1e-3)
+
+
+def test_hazero_tells_failures_as_worse_than_every_score(monkeypatch):
+    tuner = make_tuner("hazero", ONE, popsize=5, seed=0)
+    told = []
+    real_tell = tuner._optimizer.tell
+    monkeypatch.setattr(tuner._optimizer, "tell", lambda solutions: (told.append(list(solutions)),
+                                                                       real_tell(solutions)))
+    tuner.ask()
+    tuner.tell([-3.0, None, -1.0, None, -7.5])
+    (solutions,) = told
+    fs = [f for _, f in solutions]
+    assert fs[0] == 3.0 and fs[2] == 1.0 and fs[4] == 7.5  # cmaes minimizes -score
+    assert fs[1] == fs[3] > 7.5  # failures: strictly worse than the worst real score
+
+
+def test_hazero_all_failed_generation_leaves_the_distribution(monkeypatch):
+    tuner = make_tuner("hazero", ONE, popsize=5, seed=0)
+    drive(tuner, 2, f=lambda c: -(c["x"] - 0.3) ** 2)
+    mean = tuner._optimizer.mean.copy()
+    tuner.ask()
+    tuner.tell([None] * 5)
+    np.testing.assert_array_equal(tuner._optimizer.mean, mean)
+    assert tuner.restarts == 0
+    tuner.ask()
+    tuner.tell([None] * 5)  # restart_failed_generations=2 in a row: start afresh
+    assert tuner.restarts == 1
+
+
+def test_hazero_restarts_after_convergence_and_keeps_the_best():
+    tuner = make_tuner("hazero", ONE, popsize=5, seed=0)
+    scores = []
+    best_at_restart = None
+    for _ in range(60):
+        candidates = tuner.ask()
+        tuner.tell(s := [-(c["x"] - 0.3) ** 2 for c in candidates])
+        scores += s
+        if tuner.restarts and best_at_restart is None:
+            best_at_restart = tuner.best
+            assert best_at_restart[0]["x"] == pytest.approx(0.3, abs=1e-4)
+            tuner = restored(tuner)  # a restart survives a state round-trip
+    assert best_at_restart is not None
+    assert tuner.best[1] == max(scores) >= best_at_restart[1]
+
+
+def test_hazero_restarts_on_a_flat_score():
+    tuner = make_tuner("hazero", ONE, popsize=4, seed=0)
+    asked = drive(tuner, 3, f=lambda c: 1.0)
+    assert tuner.restarts == 1  # restart_flat_generations=3 with identical scores
+    assert drive(tuner, 1, f=lambda c: 1.0)[0] != asked[-1]
+
+
+@pytest.mark.parametrize("popsize, generation", [(1, 4), (2, 4), (3, 6), (4, 4), (7, 7)])
+def test_hazero_generation_spans_rounds_below_popsize_4(popsize, generation):
+    tuner = make_tuner("hazero", ONE, popsize=popsize, seed=0)
+    assert tuner.generation_size == generation
+    drive(tuner, generation // popsize, f=lambda c: -c["x"] ** 2)
+    assert tuner._optimizer.generation == 1
+
+
+def test_hazero_integers_do_not_stall():
+    space = SearchSpace.from_dict({"param_list": [
+        {"name": "n", "type": "int", "init_value": 2, "greater_than": 1, "lower_than": 9},
+        {"name": "c", "type": "choice", "init_value": "a", "values": ["a", "b", "c"]}]})
+    tuner = make_tuner("hazero", space, popsize=4, seed=0)
+    drive(tuner, 15, f=lambda p: -(p["n"] - 7) ** 2 - "cba".index(p["c"]))
+    assert tuner.best == ({"n": 7, "c": "c"}, 0)
+
+
+# --- slow: convergence against random search --------------------------------------------------
+
+SMOOTH_2D = SearchSpace.from_dict({"param_list": [
+    {"name": "a", "type": "float", "init_value": 0.0, "greater_than": -5.0, "lower_than": 5.0},
+    {"name": "b", "type": "float", "init_value": 0.0, "greater_than": -5.0, "lower_than": 5.0}]})
+
+
+def smooth_2d(p: dict) -> float:
+    da, db = p["a"] - 1.7, p["b"] + 2.2
+    return -(da**2 + 3 * db**2 + 0.5 * da * db)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TUNER_NAMES)
+def test_beats_random_search_on_a_smooth_2d_problem(name):
+    rounds, popsize, seeds = 12, 5, range(30)
+    ours, random = [], []
+    for seed in seeds:
+        tuner = make_tuner(name, SMOOTH_2D, popsize=popsize, seed=seed)
+        drive(tuner, rounds, f=smooth_2d)
+        ours.append(tuner.best[1])
+        rng = np.random.default_rng(seed)
+        random.append(max(smooth_2d(SMOOTH_2D.denormalize(x))
+                          for x in rng.uniform(-1, 1, size=(rounds * popsize, 2))))
+    assert np.median(ours) > np.median(random)
+    assert np.mean(np.array(ours) > np.array(random)) >= 0.8
