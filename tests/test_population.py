@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -47,3 +48,118 @@ def test_ties_rank_by_candidate_number():
     plan = plan_parents([rec(0, 0.5), rec(1, 0.5), rec(2, 0.5), rec(3, 0.5)], popsize=3,
                         has_checkpoint=[True] * 4, previous=None)
     assert [p["candidate"] for p in plan["parents"]] == [0, 1]
+
+
+# -- a real Population-Based search: checkpoints on disk, the CLI in-process -------------
+
+def run_pbt(toy, monkeypatch, *args):
+    from flows.autofinetune import main
+
+    monkeypatch.chdir(toy)
+    return main(["train.py", "--param-file", "hparam.yaml", "--popsize", "4", "--round", "3",
+                 "--cpu-slots", "2", "--seed", "5", "--output-dir", "out", *args])
+
+
+def load_trials(out, rounds=3, popsize=4):
+    return [[json.loads((out / f"round{k}" / f"trial-{i}.json").read_text()) for i in range(popsize)]
+            for k in range(rounds)]
+
+
+@pytest.mark.usefixtures("prefect_api", "lock_dir")
+def test_population_based_children_continue_from_the_best_half(toy, monkeypatch):
+    crash = {"r0c0": "crash", "r1c2": "crash"}
+    assert run_pbt(toy, monkeypatch, "plan", json.dumps(crash)) == 0  # default evaluator: PBT
+    out = toy / "out"
+    records = load_trials(out)
+    for r in records[0]:
+        assert r["parent"] is None and r["model_path"] is None
+        assert not any(a.startswith(("--model_path", "--epochs")) for a in r["argv"])
+    for k in (1, 2):
+        ok = sorted((r for r in records[k - 1] if r["outcome"] == "ok"),
+                    key=lambda r: (-r["score"], r["candidate"]))
+        parents = ok[:max(1, len(ok) // 2)]
+        for i, r in enumerate(records[k]):
+            p = parents[i % len(parents)]
+            assert r["parent"] == f"round{k - 1}/model-{p['candidate']}"
+            assert r["model_path"] == p["saved_params_dir"] != r["saved_params_dir"]
+            assert f"--model_path={p['saved_params_dir']}" in r["argv"] and "--epochs=1" in r["argv"]
+    assert all(r["parent"] != "round0/model-0" for r in records[1])  # crashed: never a parent
+    assert all(r["parent"] != "round1/model-2" for r in records[2])
+    # Parents' checkpoints were only read: each still holds what its own trial wrote.
+    for row in records:
+        for r in row:
+            if r["outcome"] == "ok":
+                w = json.loads((out / f"round{r['round']}" / f"model-{r['candidate']}" / "weights.json").read_text())
+                assert (w["round"], w["candidate"]) == (r["round"], r["candidate"])
+    # Lineage: from best_model back to round 0 through the recorded parents.
+    state = json.loads((out / "state.json").read_text())
+    best = records[state["best"]["round"]][state["best"]["candidate"]]
+    chain, r = [], best
+    while r is not None:
+        chain.append(f"r{r['round']}c{r['candidate']}")
+        parent = r["parent"]
+        r = None if parent is None else records[int(parent[5])][int(parent.rsplit("-", 1)[1])]
+    assert json.loads((out / "best_model" / "weights.json").read_text())["lineage"] == chain[::-1]
+    log = (out / "log_file.txt").read_text()
+    assert f"\t{best['round']}\t{best['candidate']}\tok\t{best['parent'] or '-'}\n" in log
+    # Continuing training pays: the best of the last round beats the best of the first.
+    assert max(r["score"] for r in records[2] if r["outcome"] == "ok") > \
+        max(r["score"] for r in records[0] if r["outcome"] == "ok")
+
+
+@pytest.mark.usefixtures("prefect_api", "lock_dir")
+@pytest.mark.parametrize("args, epochs", [
+    (["--pbt-epochs", "3"], ["--epochs=3"]),
+    (["--pbt-epochs", "0"], []),
+    (["epochs", "5"], ["--epochs=5"]),  # a forwarded epochs extra wins, as in the original
+])
+def test_epochs_of_continued_trials(toy, monkeypatch, args, epochs):
+    assert run_pbt(toy, monkeypatch, "--round", "2", *args) == 0
+    for r in load_trials(toy / "out", rounds=2)[1]:
+        assert [a for a in r["argv"] if a.startswith("--epochs")] == epochs
+
+
+@pytest.mark.usefixtures("prefect_api", "lock_dir")
+def test_keep_checkpoints_needed_keeps_exactly_live_parents_and_best_model(toy, monkeypatch):
+    assert run_pbt(toy, monkeypatch, "--keep-checkpoints", "needed") == 0
+    out = toy / "out"
+    state = json.loads((out / "state.json").read_text())
+    live = {p["model_path"] for p in state["plan"]["parents"]}
+    assert state["plan"]["round"] == 3 and len(live) == 2
+    assert {str(p) for p in out.glob("round*/model-*")} == live
+    assert (out / "best_model" / "weights.json").is_file()
+    assert len(list(out.glob("round*/trial-*.json"))) == 12  # the records all stay
+
+
+@pytest.mark.usefixtures("prefect_api", "lock_dir")
+def test_trial_retries_rerun_signal_kills_only(toy, monkeypatch):
+    plan = {"r0c1": "sigkill_once", "r0c2": "crash"}
+    assert run_pbt(toy, monkeypatch, "--round", "1", "--trial-retries", "1", "plan", json.dumps(plan)) == 0
+    killed_once, crashed = load_trials(toy / "out", rounds=1)[0][1:3]
+    assert (killed_once["outcome"], killed_once["attempts"], killed_once["retried_after"]) == ("ok", 2, ["killed"])
+    assert (crashed["outcome"], crashed["attempts"]) == ("crashed", 1)
+    assert "attempt 1 killed" in (toy / "out" / "round0" / "log-1.info").read_text()
+
+
+@pytest.mark.usefixtures("prefect_api", "lock_dir")
+def test_a_prefect_retry_of_the_flow_resumes_from_the_run_dir(toy, monkeypatch):
+    from flows.autofinetune import autofinetune
+
+    events = toy / "events.txt"
+    monkeypatch.chdir(toy)
+    monkeypatch.setenv("AUTOFINETUNE_KILL_AT", "round_told#2:raise")  # round 1's update fails once
+    state = autofinetune.with_options(retries=1, retry_delay_seconds=0)(
+        script="train.py", param_file="hparam.yaml", popsize=4, rounds=3, cpu_slots=2, seed=5,
+        output_dir=str(toy / "out"), extras=["events", str(events)], return_state=True)
+    assert state.is_completed() and state.result()["best_score"] is not None
+
+    from prefect.client.orchestration import get_client
+
+    async def run_count():
+        async with get_client() as client:
+            return (await client.read_flow_run(state.state_details.flow_run_id)).run_count
+
+    assert asyncio.run(run_count()) == 2  # the first attempt failed, Prefect retried it
+    starts = [tuple(line.split()[3:5]) for line in events.read_text().splitlines() if line.startswith("start")]
+    assert sorted(starts) == sorted({(str(k), str(i)) for k in range(3) for i in range(4)})  # none re-run
+    assert json.loads((toy / "out" / "state.json").read_text())["next_round"] == 3

@@ -186,13 +186,14 @@ scalars = st.one_of(st.text(min_size=1, max_size=6), st.integers(-100, 100), fin
 @st.composite
 def choice_entries(draw):
     values = draw(st.lists(scalars, min_size=2, max_size=6,
-                           unique_by=lambda v: (type(v).__name__ if isinstance(v, (bool, str)) else "num", v)))
+                           unique_by=lambda v: (type(v).__name__ if isinstance(v, (bool, str)) else "n", v)))
     return {"type": "choice", "init_value": draw(st.sampled_from(values)), "values": values}
 
 
 @st.composite
 def space_dicts(draw):
-    entries = draw(st.lists(st.one_of(float_entries(), int_entries(), choice_entries()), min_size=1, max_size=5))
+    kinds = st.one_of(float_entries(), int_entries(), choice_entries())
+    entries = draw(st.lists(kinds, min_size=1, max_size=5))
     param_names = draw(st.lists(names, min_size=len(entries), max_size=len(entries), unique=True))
     return {"param_list": [{"name": n, **e} for n, e in zip(param_names, entries)]}
 
@@ -322,7 +323,8 @@ ENTRY_ERRORS = [
     ([{"name": "c", "type": "choice", "init_value": "z", "values": ["a", "b"]}], 0, "c",
      r"init_value='z' is not one of values=\['a', 'b'\]; pick one of the values"),
     ([{"name": "c", "type": "choice", "init_value": "a"}], 0, "c", r"missing key 'values'"),
-    (["lr"], 0, None, r"must be a mapping with keys name, type, init_value, greater_than, lower_than; got a string"),
+    (["lr"], 0, None,
+     r"must be a mapping with keys name, type, init_value, greater_than, lower_than; got a string"),
 ]
 
 
@@ -357,7 +359,8 @@ def test_file_errors(tmp_path, text, message):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(SearchSpaceError, match=rf"^{re.escape(str(tmp_path))}/nope\.yaml: file not found; check the path"):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(SearchSpaceError, match=rf"^{re.escape(str(path))}: file not found; check the path"):
         SearchSpace.from_yaml(tmp_path / "nope.yaml")
 
 
@@ -369,7 +372,8 @@ def test_directory_instead_of_file(tmp_path):
 def test_not_utf8(tmp_path):
     path = tmp_path / "hparam.yaml"
     path.write_bytes(b"param_list:\n  - name: \xff\n")
-    with pytest.raises(SearchSpaceError, match=rf"^{re.escape(str(path))}: not UTF-8 text \(byte 22\); save the file as UTF-8"):
+    message = r"not UTF-8 text \(byte 22\); save the file as UTF-8"
+    with pytest.raises(SearchSpaceError, match=rf"^{re.escape(str(path))}: {message}"):
         SearchSpace.from_yaml(path)
 
 
@@ -380,7 +384,8 @@ def test_unreadable_file(tmp_path, monkeypatch):
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied", str(path))
         monkeypatch.setattr(space_module, "open", refuse, raising=False)
-    with pytest.raises(SearchSpaceError, match=rf"^{re.escape(str(path))}: not readable \(permission denied\)"):
+    message = r"not readable \(permission denied\); fix its permissions"
+    with pytest.raises(SearchSpaceError, match=rf"^{re.escape(str(path))}: {message}"):
         SearchSpace.from_yaml(path)
 
 

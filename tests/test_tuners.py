@@ -237,7 +237,8 @@ def test_state_of_another_version_is_refused(tuner_name):
     state = tuner.state_dict()
     for version in (2, 0, None, "1"):
         bad = dict(state, version=version)
-        with pytest.raises(TunerStateVersionError, match=rf"version {version!r} cannot be read .* reads version 1"):
+        message = rf"version {version!r} cannot be read .* reads version 1"
+        with pytest.raises(TunerStateVersionError, match=message):
             make_tuner(tuner_name, MIXED, popsize=4, seed=0).load_state_dict(bad)
 
 
@@ -281,7 +282,8 @@ def test_corrupt_or_mismatched_state_is_refused_and_changes_nothing(tuner_name):
         cases += [
             (_break(state, ["algorithm", "optimizer", "cma", "_mean"], delete=True),
              r"does not fit cmaes .*attributes \['_mean'\] differ"),
-            (_break(state, ["algorithm", "optimizer", "rng", "state", "key"], [1, 2]), r"corrupt hazero tuner state"),
+            (_break(state, ["algorithm", "optimizer", "rng", "state", "key"], [1, 2]),
+             r"corrupt hazero tuner state"),
             (_break(state, ["algorithm", "pending_x"], [[0.0] * 5] * 3), r"3 pending samples for popsize 4"),
             (_break(state, ["pending"], None), r"pending candidates and their CMA-ES samples disagree"),
         ]
@@ -289,7 +291,8 @@ def test_corrupt_or_mismatched_state_is_refused_and_changes_nothing(tuner_name):
         cases += [
             (_break(state, ["algorithm", "positions"], [[2.0] * 5] * 4), r"positions leaves the box"),
             (_break(state, ["algorithm", "momenta"], [[0.0] * 5] * 3), r"momenta has shape \(3, 5\)"),
-            (_break(state, ["algorithm", "global_best_score"], None), r"global best position and score disagree"),
+            (_break(state, ["algorithm", "global_best_score"], None),
+             r"global best position and score disagree"),
         ]
     before = dumps(tuner)
     for bad, message in cases:
@@ -300,7 +303,8 @@ def test_corrupt_or_mismatched_state_is_refused_and_changes_nothing(tuner_name):
 
 def test_config_mismatch_is_refused():
     tuner = make_tuner("hazero", MIXED, popsize=4, seed=0, config=HAZeroConfig(sigma=0.3))
-    with pytest.raises(TunerStateError, match=r"made with HAZeroConfig\(sigma=0.3.*this tuner has HAZeroConfig\(sigma=0.2"):
+    message = r"made with HAZeroConfig\(sigma=0.3.*this tuner has HAZeroConfig\(sigma=0.2"
+    with pytest.raises(TunerStateError, match=message):
         make_tuner("hazero", MIXED, popsize=4, seed=0).load_state_dict(tuner.state_dict())
 
 
@@ -366,7 +370,8 @@ def test_pshe2_update_follows_the_equations():
     m_new = (1 - 3 * alpha / t) * m - alpha * (x - p_new) - alpha * (x - g_new)  # eq. (1)
     after = tuner.state_dict()["algorithm"]
     np.testing.assert_allclose(after["momenta"], m_new, rtol=0, atol=1e-15)
-    np.testing.assert_allclose(after["positions"], np.clip(x + alpha * m_new, -1, 1), rtol=0, atol=1e-15)  # eq. (2)
+    x_new = np.clip(x + alpha * m_new, -1, 1)  # eq. (2)
+    np.testing.assert_allclose(after["positions"], x_new, rtol=0, atol=1e-15)
 
 
 def test_pshe2_failed_particle_gets_no_personal_best():

@@ -145,6 +145,8 @@ class Tuner(abc.ABC):
         if isinstance(scores, (str, bytes)) or not isinstance(scores, (Sequence, np.ndarray)):
             raise ValueError(f"scores must be a list of {self._popsize} floats (None for a failed trial), "
                              f"got {type(scores).__name__}")
+        if isinstance(scores, np.ndarray) and scores.ndim != 1:
+            raise ValueError(f"scores must be one-dimensional, got an array of shape {scores.shape}")
         if len(scores) != self._popsize:
             raise ValueError(f"got {len(scores)} scores for {self._popsize} pending candidates; "
                              "tell one score (or None) per candidate, in order")
@@ -181,13 +183,18 @@ class Tuner(abc.ABC):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from ``state``; raises TunerStateVersionError / TunerStateError and then changes nothing."""
+        """Continue from ``state``.
+
+        Raises TunerStateVersionError (another state version) or TunerStateError (corrupt, or made
+        for another tuner, popsize, space or config); the tuner is then unchanged.
+        """
         if not isinstance(state, Mapping):
             raise TunerStateError(f"tuner state must be a mapping, got {type(state).__name__}")
         version = state.get("version")
         if version != STATE_VERSION:
-            raise TunerStateVersionError(f"tuner state version {version!r} cannot be read by this version, which "
-                                         f"reads version {STATE_VERSION}; start a new search (new output dir)")
+            raise TunerStateVersionError(
+                f"tuner state version {version!r} cannot be read by this version, which reads version "
+                f"{STATE_VERSION}; start a new search (new output dir)")
         try:
             staged = self._parse_state(state)
         except TunerStateError:
@@ -245,7 +252,8 @@ class Tuner(abc.ABC):
         if theirs.names != self._space.names:
             what = f"parameters {list(theirs.names)} in the state, {list(self._space.names)} here"
         else:
-            i, a, b = next((i, a, b) for i, (a, b) in enumerate(zip(theirs.params, self._space.params)) if a != b)
+            pairs = enumerate(zip(theirs.params, self._space.params))
+            i, a, b = next((i, a, b) for i, (a, b) in pairs if a != b)
             what = f"param_list[{i}] ({a.name}) is {a.to_dict()} in the state, {b.to_dict()} here"
         raise TunerStateError(f"the state was made for another search space: {what}; "
                               "restore with the hparam file the search started with")
@@ -278,7 +286,8 @@ class Tuner(abc.ABC):
 
 def _get(d: Any, key: str) -> Any:
     if not isinstance(d, Mapping):
-        raise TunerStateError(f"corrupt tuner state: expected a mapping holding {key!r}, got {type(d).__name__}")
+        raise TunerStateError(f"corrupt tuner state: expected a mapping holding {key!r}, "
+                              f"got {type(d).__name__}")
     if key not in d:
         raise TunerStateError(f"corrupt tuner state: missing key {key!r}")
     return d[key]

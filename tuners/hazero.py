@@ -65,7 +65,7 @@ class HAZeroConfig:
     """HAZero's constants (all in units of the normalized box [-1, 1]^n)."""
 
     sigma: float = 0.2  # initial step size σ₀, the original's
-    mean_inset: float = 0.1  # keep a start/restart mean this far inside the box, so a bound does not waste samples
+    mean_inset: float = 0.1  # start/restart means stay this far inside the box: fewer samples past a bound
     restart_tol_sigma: float = 1e-3  # restart when σ·sqrt(C_ii) < this on every axis (converged)
     restart_tol_fitness: float = 1e-12  # ...or when the last generations' scores all lie within this (flat)
     restart_flat_generations: int = 3  # how many generations the flatness test looks back
@@ -77,7 +77,8 @@ class HAZeroConfig:
         if not (math.isfinite(self.mean_inset) and 0 <= self.mean_inset < 1):
             raise ValueError(f"mean_inset must be in [0, 1), got mean_inset={self.mean_inset!r}")
         if not (math.isfinite(self.restart_tol_sigma) and self.restart_tol_sigma >= 0):
-            raise ValueError(f"restart_tol_sigma must be >= 0, got restart_tol_sigma={self.restart_tol_sigma!r}")
+            raise ValueError("restart_tol_sigma must be >= 0, "
+                             f"got restart_tol_sigma={self.restart_tol_sigma!r}")
         if not (math.isfinite(self.restart_tol_fitness) and self.restart_tol_fitness >= 0):
             raise ValueError("restart_tol_fitness must be >= 0, "
                              f"got restart_tol_fitness={self.restart_tol_fitness!r}")
@@ -199,13 +200,14 @@ class HAZero(Tuner):
         optimizer = self._optimizer
         rng_state = optimizer._cma._rng.get_state(legacy=False)
         return {
-            "cmaes_version": getattr(cmaes, "__version__", None),  # informative; the layout is checked on load
+            "cmaes_version": getattr(cmaes, "__version__", None),  # informative; load checks the layout
             "generation_size": self._generation_size,
             "optimizer": {
                 "cma_with_margin": {k: _encode(v) for k, v in optimizer.__dict__.items() if k != "_cma"},
                 "cma": {k: _encode(v) for k, v in optimizer._cma.__dict__.items() if k != "_rng"},
                 "rng": {"bit_generator": rng_state["bit_generator"],
-                        "state": {"key": rng_state["state"]["key"].tolist(), "pos": int(rng_state["state"]["pos"])},
+                        "state": {"key": rng_state["state"]["key"].tolist(),
+                                  "pos": int(rng_state["state"]["pos"])},
                         "has_gauss": int(rng_state["has_gauss"]), "gauss": float(rng_state["gauss"])},
             },
             "generation": [{"x": x.tolist(), "f": f} for x, f in self._generation],
@@ -223,9 +225,11 @@ class HAZero(Tuner):
         optimizer = self._load_optimizer(_get(d, "optimizer"))
         generation = []
         for item in _get(d, "generation"):
-            generation.append((_matrix(_get(item, "x"), "generation x", (n,)), _opt_float(_get(item, "f"), "f")))
+            generation.append((_matrix(_get(item, "x"), "generation x", (n,)),
+                               _opt_float(_get(item, "f"), "f")))
         if len(generation) >= self._generation_size or len(generation) % self._popsize:
-            raise ValueError(f"{len(generation)} told samples in the current generation of {self._generation_size}")
+            raise ValueError(f"{len(generation)} told samples in the current generation "
+                             f"of {self._generation_size}")
         pending_x = _get(d, "pending_x")
         if (pending_x is None) != (common["_pending"] is None):
             raise ValueError("pending candidates and their CMA-ES samples disagree")
@@ -235,7 +239,8 @@ class HAZero(Tuner):
                 raise ValueError(f"{len(pending_x)} pending samples for popsize {self._popsize}")
         recent = [(float(lo), float(hi)) for lo, hi in _get(d, "recent_ranges")]
         if len(recent) > self._config.restart_flat_generations:
-            raise ValueError(f"{len(recent)} recent generations, at most {self._config.restart_flat_generations}")
+            raise ValueError(f"{len(recent)} recent generations, "
+                             f"at most {self._config.restart_flat_generations}")
         return {"_optimizer": optimizer, "_generation": generation, "_pending_x": pending_x,
                 "_restarts": _int(_get(d, "restarts"), "restarts"), "_recent_ranges": recent,
                 "_failed_generations": _int(_get(d, "failed_generations"), "failed_generations")}
@@ -251,8 +256,9 @@ class HAZero(Tuner):
         expected_cma = set(reference._cma.__dict__) - {"_rng"}
         if set(wm) != expected_wm or set(cma) != expected_cma:
             differ = sorted((set(wm) ^ expected_wm) | (set(cma) ^ expected_cma))
-            raise TunerStateError(f"the CMA-ES state does not fit cmaes {getattr(cmaes, '__version__', '?')} "
-                                  f"(attributes {differ} differ): written by another cmaes version, or corrupt")
+            raise TunerStateError(
+                f"the CMA-ES state does not fit cmaes {getattr(cmaes, '__version__', '?')} "
+                f"(attributes {differ} differ): written by another cmaes version, or corrupt")
         n = self._space.dim
         for key, shape in (("_mean", (n,)), ("_C", (n, n)), ("_p_sigma", (n,)), ("_pc", (n,))):
             _matrix(cma[key], key, shape)

@@ -4,10 +4,10 @@ Each of the ``popsize`` particles i has a position x_i in the box [-1, 1]^n (its
 a momentum m_i, and the best position it has scored, p_i; g is the best position of all.
 After round t (t = 1 after the first tell), with α = ``alpha`` and ε = ``epsilon``:
 
-    (1)  m_i ← (1 − 3α/t) · m_i − α (x_i − p_i) − α (x_i − g)      momentum: pulled to p_i and g
-    (2)  x_i ← clip(x_i + α · m_i, −1, 1)                            move
-    (3)  r ~ U[−1, 1) per coordinate;                                 perturb: a random fraction
-         x ← x + r·ε·(1 − x)  if r ≥ 0,   x ← x + r·ε·(x + 1)  if r < 0      of the way to a bound
+    (1)  m_i ← (1 − 3α/t) · m_i − α (x_i − p_i) − α (x_i − g)     momentum, pulled to p_i and g
+    (2)  x_i ← clip(x_i + α · m_i, −1, 1)                           move
+    (3)  per coordinate, r ~ U[−1, 1):                               perturb: a random fraction
+         x ← x + r·ε·(1 − x) if r ≥ 0,  x ← x + r·ε·(x + 1) if r < 0   of the way to a bound
 
 Round 0 spreads the particles between the init point x₀ and the bounds (the original's
 ``set_random_hparam``: per coordinate r ~ U[−1, 1), x = x₀ + r·(1 − x₀) if r ≥ 0 else
@@ -120,7 +120,8 @@ class PSHE2(Tuner):
         return {
             "positions": self._x.tolist(),
             "momenta": self._m.tolist(),
-            "personal_best_positions": [None if s is None else p.tolist() for p, s in zip(self._p, self._p_score)],
+            "personal_best_positions": [None if s is None else p.tolist()
+                                        for p, s in zip(self._p, self._p_score)],
             "personal_best_scores": list(self._p_score),
             "global_best_position": None if self._g is None else self._g.tolist(),
             "global_best_score": self._g_score,
@@ -133,14 +134,16 @@ class PSHE2(Tuner):
         p_rows = _get(d, "personal_best_positions")
         p_scores = [_opt_float(s, "personal best score") for s in _get(d, "personal_best_scores")]
         if len(p_rows) != self._popsize or len(p_scores) != self._popsize:
-            raise ValueError(f"personal bests for {len(p_rows)}/{len(p_scores)} particles, expected {self._popsize}")
+            raise ValueError(f"personal bests for {len(p_rows)}/{len(p_scores)} particles, "
+                             f"expected {self._popsize}")
         p = np.zeros(shape)
         for i, (row, s) in enumerate(zip(p_rows, p_scores)):
             if (row is None) != (s is None):
                 raise ValueError(f"particle {i}: personal best position and score disagree")
             if row is not None:
                 p[i] = _matrix(row, "personal best position", (n,), box=True)
-        g_row, g_score = _get(d, "global_best_position"), _opt_float(_get(d, "global_best_score"), "global best")
+        g_row = _get(d, "global_best_position")
+        g_score = _opt_float(_get(d, "global_best_score"), "global best")
         if (g_row is None) != (g_score is None):
             raise ValueError("global best position and score disagree")
         g = None if g_row is None else _matrix(g_row, "global best position", (n,), box=True)

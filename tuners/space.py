@@ -8,20 +8,22 @@ The file format is PaddleHub AutoDL Finetuner's, extended compatibly::
         type: float              # float | int | choice   (case-insensitive)
         greater_than: 0.00005    # lower bound, inclusive
         lower_than: 0.05         # upper bound, inclusive
-        log: true                # optional extension: search log10(value) uniformly
+        log: true                # optional extension: search the value's logarithm uniformly
       - name: optimizer          # extension: a categorical parameter
         type: choice
         init_value: adam
         values: [adam, sgd, rmsprop]
 
-Every file the original accepted means the same thing here: the same parameters, the same
-bounds, the same ``--name=value`` flags. Where the original was lenient, so are we: numbers
-may be written as ints, floats or numeric strings (YAML 1.1 reads ``1e-3`` as a *string*, so
-``float()`` is applied, as the original did when it checked bounds). Where it was silently
-wrong we stop with a one-line :class:`SearchSpaceError` that names the file, the entry, the
-field and the fix, e.g.::
+Every file the original read correctly means the same thing here: the same parameters, the
+same bounds, the same ``--name=value`` flags. Numbers may be ints, floats or numeric strings
+(YAML 1.1 reads ``1e-3``, with no dot, as a *string*; we read it with ``float()``), and
+``type`` is case-insensitive. What the original silently misread (it clamped an init_value
+outside the bounds, ignored unknown keys, took any type other than ``int`` for a float, and
+searched nonsense for swapped bounds) we refuse with a one-line :class:`SearchSpaceError` that
+names the file, the entry, the field and the fix, e.g. (one line, wrapped here)::
 
-    hparam.yaml: param_list[1] (batch_size): lower_than=8 must be greater than greater_than=16; swap the bounds
+    hparam.yaml: param_list[1] (batch_size): lower_than=8 must be greater than greater_than=16;
+    swap the bounds
 
 The tuners search in the normalized box [-1, 1]^n, as the original did. For a parameter with
 bounds [lo, hi] (``greater_than``, ``lower_than``) the maps are
@@ -282,10 +284,11 @@ class SearchSpace:
         seen: dict[str, int] = {}
         for i, p in enumerate(params):
             if not isinstance(p, (FloatParam, IntParam, ChoiceParam)):
-                raise SearchSpaceError(f"{source}: params[{i}]={p!r} is not a FloatParam, IntParam or ChoiceParam")
+                raise SearchSpaceError(f"{source}: params[{i}]={p!r} is not a FloatParam, IntParam "
+                                       "or ChoiceParam")
             if p.name in seen:
-                raise SearchSpaceError(f"{source}: params[{i}] ({p.name}): name={p.name!r} is already used by "
-                                       f"params[{seen[p.name]}]; give each parameter a unique name")
+                raise SearchSpaceError(f"{source}: params[{i}] ({p.name}): name={p.name!r} is already used "
+                                       f"by params[{seen[p.name]}]; give each parameter a unique name")
             seen[p.name] = i
         self._params = params
         self._by_name = {p.name: p for p in params}
@@ -301,23 +304,27 @@ class SearchSpace:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         except FileNotFoundError:
-            raise SearchSpaceError(f"{source}: file not found; check the path to the search space YAML") from None
+            problem = "file not found; check the path to the search space YAML"
         except IsADirectoryError:
-            raise SearchSpaceError(f"{source}: is a directory, not a file; pass the hparam.yaml file itself") from None
+            problem = "is a directory, not a file; pass the hparam.yaml file itself"
         except PermissionError:
-            raise SearchSpaceError(f"{source}: not readable (permission denied); fix its permissions") from None
+            problem = "not readable (permission denied); fix its permissions"
         except UnicodeDecodeError as e:
-            raise SearchSpaceError(f"{source}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+            problem = f"not UTF-8 text (byte {e.start}); save the file as UTF-8"
         except OSError as e:
-            raise SearchSpaceError(f"{source}: cannot be read ({e.strerror or e}); check the path") from None
+            problem = f"cannot be read ({e.strerror or e}); check the path"
+        else:
+            problem = None
+        if problem is not None:
+            raise SearchSpaceError(f"{source}: {problem}")
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
             problem = getattr(e, "problem", None) or str(e)
-            raise SearchSpaceError(f"{source}: {where}invalid YAML ({_one_line(problem)}); "
-                                   "fix the syntax (indentation, 'key: value', '- ' before each entry)") from None
+            raise SearchSpaceError(f"{source}: {where}invalid YAML ({_one_line(problem)}); fix the syntax "
+                                   "(indentation, 'key: value', '- ' before each entry)") from None
         return cls.from_dict(data, source=source)
 
     @classmethod
@@ -338,8 +345,8 @@ class SearchSpace:
                                    "the only allowed key is param_list")
         entries = d["param_list"]
         if not isinstance(entries, list):
-            raise SearchSpaceError(f"{source}: param_list must be a list of parameters ('- name: ...' items), "
-                                   f"got {_kind_of(entries)} {_short(entries)}")
+            raise SearchSpaceError(f"{source}: param_list must be a list of parameters "
+                                   f"('- name: ...' items), got {_kind_of(entries)} {_short(entries)}")
         if not entries:
             raise SearchSpaceError(f"{source}: param_list is empty; add at least one parameter")
         params: list[Param] = []
@@ -347,8 +354,9 @@ class SearchSpace:
         for i, entry in enumerate(entries):
             p = _parse_entry(entry, i, source)
             if p.name in seen:
-                raise SearchSpaceError(f"{source}: param_list[{i}] ({p.name}): name={p.name!r} is already used "
-                                       f"by param_list[{seen[p.name]}]; give each parameter a unique name")
+                raise SearchSpaceError(f"{source}: param_list[{i}] ({p.name}): name={p.name!r} is already "
+                                       f"used by param_list[{seen[p.name]}]; give each parameter a unique "
+                                       "name")
             seen[p.name] = i
             params.append(p)
         return cls(params=params, source=source)
@@ -494,7 +502,8 @@ def _number(field: str, raw: Any, *, integral: bool) -> Any:
             try:
                 value = float(text)
             except ValueError:
-                raise _FieldError(f"{field}={raw!r} is not a number; write a number, e.g. {field}: 0.001") from None
+                raise _FieldError(f"{field}={raw!r} is not a number; "
+                                  f"write a number, e.g. {field}: 0.001") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise _FieldError(f"{field}={raw!r} is not finite; write a finite number")
     if integral:
@@ -569,11 +578,13 @@ def _check_choice(init: Any, values: Any) -> None:
             raise _FieldError(f"values[{j}]={v!r} is not finite; write a finite number")
         for k in range(j):
             if _same_scalar(values[k], v):
-                raise _FieldError(f"values[{j}]={v!r} repeats values[{k}]={values[k]!r}; list each value once")
+                raise _FieldError(f"values[{j}]={v!r} repeats values[{k}]={values[k]!r}; "
+                                  "list each value once")
     if len(values) < 2:
         raise _FieldError(f"values={list(values)!r} needs at least 2 distinct values")
     if not any(_same_scalar(v, init) for v in values):
-        raise _FieldError(f"init_value={init!r} is not one of values={list(values)!r}; pick one of the values")
+        raise _FieldError(f"init_value={init!r} is not one of values={list(values)!r}; "
+                          "pick one of the values")
 
 
 def _check_in_bounds(p: FloatParam | IntParam, v: float) -> None:

@@ -4,7 +4,7 @@ Score: -(x - 0.3)^2 - (n - 4)^2 / 100 + 0.01 * steps trained (a child continues 
 parent's steps) for hyperparameters x (float) and n (int). It finds
 its own round and candidate from --saved_params_dir (".../round<k>/model-<i>") so a test
 can make one trial misbehave with --plan '{"r0c1": "crash", ...}'. Behaviours: crash,
-noreport, nan, hang, garbage, sigkill. With --events FILE it appends one line
+noreport, nan, hang, garbage, sigkill, sigkill_once (only the first attempt). With --events FILE it appends one line
 "start|end <time> <pid> <round> <candidate> <CUDA_VISIBLE_DEVICES>" per event, which the
 tests use to measure concurrency and slot use.
 """
@@ -70,6 +70,9 @@ if behaviour == "crash":
     print("toy: crashing on purpose", file=sys.stderr)
     sys.exit(3)
 if behaviour == "sigkill":
+    os.kill(os.getpid(), signal.SIGKILL)
+if behaviour == "sigkill_once" and not os.path.exists(os.path.join(args.saved_params_dir, "killed")):
+    open(os.path.join(args.saved_params_dir, "killed"), "w").close()
     os.kill(os.getpid(), signal.SIGKILL)
 if behaviour == "noreport":
     sys.exit(0)
