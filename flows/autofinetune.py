@@ -163,6 +163,27 @@ def _request_stop(signum, _frame) -> None:
           "launching no more", file=sys.stderr, flush=True)
 
 
+def _start_embedded_api() -> None:
+    """Start Prefect's embedded API now, with SIGINT blocked in it.
+
+    Prefect starts it lazily as a child in our process group, so a terminal's Ctrl-C
+    reached it too and killed the API the search needs to record its stop. A blocked
+    signal stays blocked across exec, so the server ignores Ctrl-C and is stopped by
+    Prefect (SIGTERM) when the search exits. With PREFECT_API_URL set this does nothing.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        SubprocessASGIServer().start()  # the instance Prefect's client will reuse
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     script, extras = split_script_and_extras(args.words)
@@ -189,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     STOP.clear()
     previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        _start_embedded_api()
         summary = autofinetune(**options)
     except SearchInterrupted:
         print(f"autofinetune: stopped; state is saved in {settings.output_dir}. Re-run the same "

@@ -175,3 +175,38 @@ def test_a_second_live_run_on_one_output_dir_is_refused(work, prefect_server):
     from tasks.rundir import RunDir
     with RunDir(work / "run").lock():
         pass
+
+
+def test_embedded_api_survives_ctrl_c_and_a_killed_runs_server_is_reaped(work, tmp_path):
+    """The default set-up, Prefect's embedded API: a SIGKILLed search leaves its server
+    running; the next run on the dir stops it. A terminal Ctrl-C (SIGINT to the whole
+    group) stops the search cleanly, because the embedded server ignores it."""
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    started = work / "run" / "round0" / ".pid-1"
+
+    def wait_for(path):
+        deadline = time.monotonic() + 180
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert path.exists()
+
+    first = start_cli(work, env, "run", "sleep", "30", new_session=True)
+    wait_for(started)
+    first.kill()
+    finish(first)
+    server_pid = int((work / "run" / ".prefect-server").read_text().split()[0])
+    assert pid_alive(server_pid)  # what Prefect leaves behind after a SIGKILL
+
+    started.unlink()
+    second = start_cli(work, env, "run", "sleep", "30", new_session=True)
+    wait_for(started)
+    assert not pid_alive(server_pid)  # reaped by the resumed run
+    own_server = int((work / "run" / ".prefect-server").read_text().split()[0])
+    os.killpg(second.pid, signal.SIGINT)
+    code, log = finish(second, timeout=60)
+    assert code == 130, log[-3000:]
+    assert "Re-run the same command" in log
+    assert not pid_alive(own_server)  # stopped on the way out, not orphaned
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    assert str(work / "train.py") not in ps
