@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import flows  # noqa: F401  (sets the Prefect defaults before Prefect is imported)
 from prefect import flow
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -29,6 +31,7 @@ from tasks.settings import (EVALUATORS, KEEP_CHECKPOINTS, Settings, fresh_seed, 
 from tasks.ephemeral_server import reap_stale_server, record_ephemeral_server
 from tasks.slots import SlotPool
 from tasks.trial import reap_orphans
+from tasks.watch import close_watchers, notify, open_watchers
 from tasks.steps import STOP, close_slot_pool, open_slot_pool, select_and_copy_checkpoints
 from tuners import TUNER_NAMES
 
@@ -36,8 +39,20 @@ __all__ = ["autofinetune", "main", "build_parser"]
 
 
 def _flow_run_name() -> str:
-    output_dir = flow_run.parameters.get("output_dir")
-    return Path(output_dir).name if output_dir else "autofinetune"
+    """The output dir's name; for a dated run under output_root, ``<root>-<YYYYmmdd-HHMM>``."""
+    params = flow_run.parameters
+    if params.get("output_dir"):
+        return Path(params["output_dir"]).name
+    root = Path(params.get("output_root") or ".").resolve().name
+    return f"{root}-{flow_run.scheduled_start_time:%Y%m%d-%H%M}"
+
+
+def _run_created() -> datetime | None:
+    """When this flow run was created: stable across retries, so a retried dated run
+    resumes its own run dir instead of starting a new one."""
+    context = FlowRunContext.get()
+    created = context.flow_run.created if context and context.flow_run else None
+    return created.astimezone() if created else None
 
 
 @flow(name="autofinetune", flow_run_name=_flow_run_name)
@@ -47,19 +62,37 @@ def autofinetune(script: str = "train.py", param_file: str = "hparam.yaml", gpu:
                  seed: int | None = None, trial_timeout: float | None = None,
                  trials_per_gpu: int = 1, cpu_slots: int = 1, python: str | None = None,
                  extras: list[str] | None = None, trial_retries: int = 0, pbt_epochs: int = 1,
-                 keep_checkpoints: str = "all", cwd: str | None = None) -> dict:
-    """Tune ``script``'s hyperparameters over the space in ``param_file``; returns the best."""
+                 keep_checkpoints: str = "all", cwd: str | None = None,
+                 output_root: str | None = None) -> dict:
+    """Tune ``script``'s hyperparameters over the space in ``param_file``; returns the best.
+
+    ``output_root`` (for scheduled runs): each run writes ``output_<YYYYmmddHHMMSS>`` under
+    it, dated by the flow run's creation, so a retry of that run resumes the same dir.
+    """
     settings = resolve_settings(
         script=script, param_file=param_file, gpu=gpu, popsize=popsize, rounds=rounds,
         output_dir=output_dir, evaluator=evaluator, tuning_strategy=tuning_strategy, seed=seed,
         trial_timeout=trial_timeout, trials_per_gpu=trials_per_gpu, cpu_slots=cpu_slots,
         python=python, extras=extras, trial_retries=trial_retries, pbt_epochs=pbt_epochs,
-        keep_checkpoints=keep_checkpoints, cwd=cwd)
+        keep_checkpoints=keep_checkpoints, cwd=cwd, output_root=output_root,
+        started=_run_created())
     run_dir = RunDir(settings.output_dir)
     run_dir.path.mkdir(parents=True, exist_ok=True)
+    out = str(run_dir.path)
     with run_dir.lock():  # a second live search on this dir is refused
-        best = _run_search(run_dir, settings, seed)
-    return _final_summary(run_dir, list(settings.space.names), best)
+        open_watchers(out, build_watchers(run_dir, settings))
+        try:
+            best = _run_search(run_dir, settings, seed)
+            summary = _final_summary(run_dir, list(settings.space.names), best)
+            notify(out, "search_finished", summary)
+        finally:
+            close_watchers(out)
+    return summary
+
+
+def build_watchers(run_dir: RunDir, settings: Settings) -> list:
+    """Who is told about the search's progress (see tasks.watch)."""
+    return []
 
 
 def _run_search(run_dir: RunDir, settings: Settings, seed: int | None) -> dict | None:
@@ -79,6 +112,11 @@ def _run_search(run_dir: RunDir, settings: Settings, seed: int | None) -> dict |
     run_dir.write_state(state)
     names = list(settings.space.names)
     out = str(run_dir.path)
+    notify(out, "search_started", {
+        "output_dir": out, "names": names, "rounds": settings.rounds,
+        "popsize": state["search"]["popsize"], "next_round": state["next_round"],
+        "slots": state["run"]["slots"], "resumed": state["next_round"] > 0 or bool(run_dir.trials()),
+        "trials": run_dir.trials()})
     open_slot_pool(out, SlotPool(settings.slots))
     try:
         # Finish what a killed run left half done: best_model/, log_file.txt, the next plan.

@@ -14,6 +14,7 @@ from tasks.rundir import trial_rank_key
 from tasks.search import SearchInterrupted
 from tasks.rundir import RunDir
 from tasks.search import parents_for
+from tasks.watch import notify
 from tasks.steps import (STOP, propose_candidates, record_round, select_and_copy_checkpoints,
                          train_candidate, update_tuner)
 
@@ -46,7 +47,8 @@ def search_round(output_dir: str, k: int, names: list[str]) -> list[dict]:
     if STOP.is_set() or any(r["outcome"] == "interrupted" for r in records):
         raise SearchInterrupted(f"stopped during round {k}")
     records = update_tuner(output_dir, k)
-    record_round(output_dir, names)
+    best = record_round(output_dir, names)
     select_and_copy_checkpoints(output_dir, k)
     print(round_summary(k, records, names), flush=True)
+    notify(output_dir, "round_finished", k, records, best)
     return records

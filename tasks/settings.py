@@ -83,8 +83,13 @@ def resolve_settings(*, script: str = "train.py", param_file: str = "hparam.yaml
                      cpu_slots: int = 1, python: str | None = None,
                      extras: list[str] | None = None, trial_retries: int = 0,
                      pbt_epochs: int = 1, keep_checkpoints: str = "all",
-                     cwd: str | None = None) -> Settings:
-    """Validate every input; raise SettingsError on the first bad one. Creates nothing."""
+                     cwd: str | None = None, output_root: str | None = None,
+                     started: datetime | None = None) -> Settings:
+    """Validate every input; raise SettingsError on the first bad one. Creates nothing.
+
+    Without ``output_dir`` the run dir is ``output_<YYYYmmddHHMMSS>`` of ``started`` (default
+    now) under ``output_root`` (default the working directory), as the original named it.
+    """
     cwd_path = Path(cwd or os.getcwd()).resolve()
     script_path = cwd_path / script
     if not script_path.is_file():
@@ -118,7 +123,11 @@ def resolve_settings(*, script: str = "train.py", param_file: str = "hparam.yaml
         gpus = [str(g.index) for g in detected] if detected else None
     slots = make_slots(gpus, trials_per_gpu=trials_per_gpu, cpu_slots=cpu_slots)
 
-    out = cwd_path / (output_dir or f"output_{datetime.now():%Y%m%d%H%M%S}")
+    if output_dir and output_root:
+        raise SettingsError("give either --output-dir (one run) or output_root (a dated run dir "
+                            "under it per run), not both")
+    stamp = f"output_{(started or datetime.now()):%Y%m%d%H%M%S}"
+    out = cwd_path / (output_dir or Path(output_root or ".") / stamp)
     if out.exists() and not out.is_dir():
         raise SettingsError(f"--output-dir {out}: exists and is not a directory; choose another path")
     if out.is_dir() and any(out.iterdir()) and not (out / "state.json").is_file():

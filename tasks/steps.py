@@ -19,6 +19,7 @@ from tasks.search import (finished_trial, propose, record_best, select_parents, 
                           trial_spec)
 from tasks.slots import SlotPool, SlotWaitInterrupted
 from tasks.trial import crash_warning, log_tail, run_trial
+from tasks.watch import notify
 
 __all__ = ["STOP", "open_slot_pool", "close_slot_pool", "propose_candidates", "train_candidate",
            "update_tuner", "record_round", "select_and_copy_checkpoints"]
@@ -54,11 +55,13 @@ def train_candidate(output_dir: str, k: int, i: int, params: dict,
     pool = _POOLS[str(run_dir.path)]
     try:
         with pool.acquire(STOP) as slot:
-            logger.info("running on %s: %s", slot.describe(), " ".join(spec.flags and
-                        [f"--{n}={v}" for n, v in spec.flags]))
+            logger.info("running on %s: %s", slot.describe(),
+                        " ".join(f"--{n}={v}" for n, v in spec.flags))
             if parent is not None:
                 logger.info("continues from parent checkpoint %s", parent["name"])
+            notify(output_dir, "trial_started", k, i, {"index": slot.index, "gpu": slot.gpu}, params)
             record = run_trial(spec, slot, stop=STOP)
+            notify(output_dir, "trial_finished", record)
     except SlotWaitInterrupted:
         return {"round": k, "candidate": i, "params": params, "outcome": "interrupted",
                 "score": None, "error": "stopped before launch"}
