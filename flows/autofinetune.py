@@ -28,6 +28,7 @@ from tasks.rundir import RunDir, RunDirBusy
 from tasks.search import SearchInterrupted, check_resume, new_state, record_best
 from tasks.settings import (EVALUATORS, KEEP_CHECKPOINTS, Settings, fresh_seed, resolve_settings,
                             split_script_and_extras)
+from tasks.artifacts import PrefectArtifacts
 from tasks.ephemeral_server import reap_stale_server, record_ephemeral_server
 from tasks.slots import SlotPool
 from tasks.trial import reap_orphans
@@ -48,11 +49,16 @@ def _flow_run_name() -> str:
 
 
 def _run_created() -> datetime | None:
-    """When this flow run was created: stable across retries, so a retried dated run
-    resumes its own run dir instead of starting a new one."""
+    """When this flow run was due: its schedule slot (for a manual run, its creation).
+
+    Stable across retries, so a retried dated run resumes its own run dir. Not ``created``:
+    Prefect's scheduler creates a deployment's runs days ahead, several in one second, so
+    that would name different nights' runs alike.
+    """
     context = FlowRunContext.get()
-    created = context.flow_run.created if context and context.flow_run else None
-    return created.astimezone() if created else None
+    run = context.flow_run if context else None
+    due = run and (run.expected_start_time or run.created)
+    return due.astimezone() if due else None
 
 
 @flow(name="autofinetune", flow_run_name=_flow_run_name)
@@ -92,7 +98,16 @@ def autofinetune(script: str = "train.py", param_file: str = "hparam.yaml", gpu:
 
 def build_watchers(run_dir: RunDir, settings: Settings) -> list:
     """Who is told about the search's progress (see tasks.watch)."""
-    return []
+    from tasks.gpu_telemetry import GpuTelemetry
+    from tasks.progress import ProgressDisplay
+    from tasks.visualization import VisualDLWatcher
+
+    names = list(settings.space.names)
+    progress = ProgressDisplay.from_env()  # None when $AUTOFINETUNE_PROGRESS=off
+    # GPU telemetry first: its trial_finished adds "gpu_samples" that later watchers read.
+    return [GpuTelemetry.from_env(), PrefectArtifacts(output_dir=str(run_dir.path), names=names),
+            VisualDLWatcher(output_dir=str(run_dir.path), names=names),
+            *([progress] if progress else [])]
 
 
 def _run_search(run_dir: RunDir, settings: Settings, seed: int | None) -> dict | None:

@@ -142,6 +142,9 @@ def _run_once(spec: TrialSpec, slot: Slot, stop: threading.Event) -> dict:
     env = dict(os.environ)
     env.update({RESULT_FILE_ENV: str(result_path), "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
                 "PYTHONUNBUFFERED": "1"})
+    # GPU ids are NVML indices, which follow PCI bus order; CUDA's default order (fastest
+    # first) can differ on a machine with mixed GPUs, so make CUDA count the same way.
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     if stop.is_set():
         return {"outcome": "interrupted", "exit_code": None, "error": "stopped before launch"}
     with open(spec.log_path, "ab") as log:

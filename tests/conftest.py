@@ -62,8 +62,11 @@ def prefect_api(prefect_server):
     import flows  # noqa: F401  (the project's Prefect defaults)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from prefect.logging.handlers import APILogWorker
+
     with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
         yield prefect_server
+        APILogWorker.drain_all(timeout=10)  # this test's logs reach its server, not a dead one
 
 
 @pytest.fixture

@@ -136,7 +136,7 @@ def test_gpu_slots_each_trial_sees_its_gpu(toy, monkeypatch):
     assert max_overlap([iv for s in spans.values() for iv in s]) > 2  # both GPUs busy at once
     for r in trials(toy / "out", 1, 8)[0]:
         log = (toy / "out" / "round0" / f"log-{r['candidate']}.info").read_text()
-        assert f"cuda='{r['gpu']}'" in log
+        assert f"cuda='{r['gpu']}' order=PCI_BUS_ID" in log  # CUDA counts GPUs as NVML does
 
 
 def test_extras_are_forwarded_and_prefect_names_are_readable(toy, monkeypatch):

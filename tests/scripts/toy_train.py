@@ -42,7 +42,8 @@ def event(kind):
 
 
 event("start")
-print(f"toy: round {k} candidate {i} x={args.x} n={args.n} cuda={cuda!r} echo={args.echo} "
+print(f"toy: round {k} candidate {i} x={args.x} n={args.n} cuda={cuda!r} "
+      f"order={os.environ.get('CUDA_DEVICE_ORDER')} echo={args.echo} "
       f"epochs={args.epochs} model_path={args.model_path} unknown={unknown}", flush=True)
 if args.sleep:
     time.sleep(args.sleep)
