@@ -55,16 +55,20 @@ def screenshot(chromium: str, url: str, path: Path, size: str = "1400,900") -> N
     print(f"saved {path}")
 
 
-async def ids(api: str, output_name: str) -> tuple[str, str]:
+async def ids(output_name: str) -> tuple[str, str, str]:
+    """The ids of the top flow run, the round-1 subflow run and round 1's table artifact."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter,
+                                                FlowRunFilterName)
 
     async with get_client() as client:
         runs = await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[output_name])))
         subs = await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["round-1"])))
-    return str(runs[0].id), str(subs[0].id)
+        tables = await client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"autofinetune-{output_name}-round-1"])))
+    return str(runs[0].id), str(subs[0].id), str(tables[0].id)
 
 
 def main() -> int:
@@ -93,20 +97,19 @@ def main() -> int:
                         "--round", "4", "--cpu-slots", "2", "--seed", "0", "--output-dir", str(run)],
                        cwd=ROOT, env=env, check=True)
         procs.append(subprocess.Popen([str(BIN / "visualdl"), "--logdir", str(run / "visualization"),
-                                       "--host", "127.0.0.1", "--port", str(vdl_port)],
+                                       "--host", "127.0.0.1", "--port", str(vdl_port), "--disable-telemetry"],
                                       env=env, stdout=open(work / "visualdl.log", "w"),
                                       stderr=subprocess.STDOUT))
         vdl = f"http://127.0.0.1:{vdl_port}"
-        wait_http(vdl)
+        wait_http(f"{vdl}/app/api/runs")
         os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=env["PREFECT_HOME"])
-        top, round1 = asyncio.run(ids(api, run.name))
+        top, round1, table = asyncio.run(ids(run.name))
         ui = f"http://127.0.0.1:{prefect_port}"
         screenshot(chromium, f"{vdl}/app/scalar", out / "visualdl-scalars.png")
         screenshot(chromium, f"{vdl}/app/hyper-parameter", out / "visualdl-hparams.png")
         screenshot(chromium, f"{ui}/runs/flow-run/{top}", out / "prefect-flow-run.png")
         screenshot(chromium, f"{ui}/runs/flow-run/{round1}", out / "prefect-round.png")
-        screenshot(chromium, f"{ui}/artifacts/key/autofinetune-digits-search-round-1",
-                   out / "prefect-artifact.png")
+        screenshot(chromium, f"{ui}/artifacts/artifact/{table}", out / "prefect-artifact.png")
     finally:
         for proc in procs:
             proc.terminate()
