@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from cmaes import CatCMAwM, CMAwM
 
 from tuners import (
     TUNER_NAMES, ChoiceParam, FloatParam, HAZeroConfig, IntParam, PSHE2Config, SearchSpace,
@@ -28,6 +29,24 @@ MIXED = SearchSpace.from_dict({"param_list": [
 
 ONE = SearchSpace.from_dict({"param_list": [
     {"name": "x", "type": "float", "init_value": -0.5, "greater_than": -1.0, "lower_than": 1.0}]})
+
+# MIXED without its choice: HAZero runs CMAwM here, CatCMAwM on a space with a choice
+NUMERIC = SearchSpace.from_dict({"param_list": MIXED.to_dict()["param_list"][:4]}, source="numeric")
+
+ACTIVATIONS = ["relu", "tanh", "gelu", "sigmoid"]
+PENALTY = {"relu": 0.5, "tanh": 1.0, "gelu": 0.0, "sigmoid": 2.0}  # the bench's mixed problem's
+ONLY_CHOICE = SearchSpace.from_dict({"param_list": [
+    {"name": "activation", "type": "choice", "init_value": "relu", "values": ACTIVATIONS}]},
+    source="only_choice")
+TRAP = SearchSpace.from_dict({"param_list": [
+    {"name": "x", "type": "float", "init_value": -0.5, "greater_than": -1.0, "lower_than": 1.0},
+    {"name": "layers", "type": "int", "init_value": 2, "greater_than": 1, "lower_than": 12},
+    {"name": "activation", "type": "choice", "init_value": "relu", "values": ACTIVATIONS}]}, source="trap")
+
+
+def trap(params: dict) -> float:
+    """From init 'relu' the next value 'tanh' is worse; 'gelu', two values along, is best."""
+    return -((params["x"] - 0.3) ** 2 + (params["layers"] - 4) ** 2 / 4 + PENALTY[params["activation"]])
 
 
 def objective(params: dict) -> float:
@@ -90,6 +109,26 @@ def test_first_candidate_is_exactly_the_init_value(tuner_name, popsize):
     first = tuner.ask()[0]
     assert first == MIXED.init_params()
     assert [type(v) for v in first.values()] == [float, float, int, int, str]
+
+
+@pytest.mark.parametrize("popsize", [1, 4])
+def test_a_space_of_one_choice_works(tuner_name, popsize):
+    tuner = make_tuner(tuner_name, ONLY_CHOICE, popsize=popsize, seed=0)
+    asked = drive(tuner, 12, f=lambda p: -PENALTY[p["activation"]], fail={1})
+    assert asked[0][0] == {"activation": "relu"}
+    assert all(c["activation"] in ACTIVATIONS for round_ in asked for c in round_)
+    assert tuner.best == ({"activation": "gelu"}, 0.0)
+
+
+def test_a_choice_trap_is_escaped(tuner_name):
+    # the bench's mixed problem in small: init 'relu', the next value 'tanh' worse, 'gelu' best.
+    # An ordinal search of the choice stayed on 'relu' (HAZero: 28 of 30 seeds at 8x25).
+    found = 0
+    for seed in range(10):
+        tuner = make_tuner(tuner_name, TRAP, popsize=8, seed=seed)
+        drive(tuner, 10, f=trap)
+        found += tuner.best[0]["activation"] == "gelu"
+    assert found >= 8
 
 
 def test_same_seed_same_candidates(tuner_name):
@@ -194,31 +233,40 @@ def test_ask_twice_and_tell_without_ask_raise(tuner_name):
         tuner.tell([0.0, 0.0])
 
 
+def _score_on(space):
+    return {MIXED: objective, NUMERIC: lambda p: objective({**p, "optimizer": "sgd"}),
+            ONLY_CHOICE: lambda p: -PENALTY[p["activation"]], TRAP: trap}[space]
+
+
+@pytest.mark.parametrize("space", [MIXED, NUMERIC, ONLY_CHOICE, TRAP], ids=lambda s: s.source)
 @pytest.mark.parametrize("popsize", [1, 3, 5])
-def test_state_round_trip_after_tell_is_bit_identical(tuner_name, popsize):
-    tuner = make_tuner(tuner_name, MIXED, popsize=popsize, seed=0)
-    drive(tuner, 5, fail={1})
+def test_state_round_trip_after_tell_is_bit_identical(tuner_name, popsize, space):
+    f = _score_on(space)
+    tuner = make_tuner(tuner_name, space, popsize=popsize, seed=0)
+    drive(tuner, 5, f=f, fail={1})
     copy_ = restored(tuner)
     assert dumps(copy_) == dumps(tuner)
-    assert drive(copy_, 6, fail={1}) == drive(tuner, 6, fail={1})
+    assert drive(copy_, 6, f=f, fail={1}) == drive(tuner, 6, f=f, fail={1})
     assert dumps(copy_) == dumps(tuner)
     assert copy_.best == tuner.best and copy_.rounds_told == tuner.rounds_told == 11
 
 
+@pytest.mark.parametrize("space", [MIXED, NUMERIC, ONLY_CHOICE], ids=lambda s: s.source)
 @pytest.mark.parametrize("popsize", [1, 3, 5])
-def test_state_round_trip_between_ask_and_tell(tuner_name, popsize):
-    tuner = make_tuner(tuner_name, MIXED, popsize=popsize, seed=0)
-    drive(tuner, 3)
+def test_state_round_trip_between_ask_and_tell(tuner_name, popsize, space):
+    f = _score_on(space)
+    tuner = make_tuner(tuner_name, space, popsize=popsize, seed=0)
+    drive(tuner, 3, f=f)
     candidates = tuner.ask()
     copy_ = restored(tuner)  # killed right after ask: the pipeline restores this state
     assert copy_.pending == candidates
     with pytest.raises(RuntimeError, match="called twice"):
         copy_.ask()
-    scores = [objective(c) for c in candidates]
+    scores = [f(c) for c in candidates]
     tuner.tell(scores)
     copy_.tell(scores)
     assert dumps(copy_) == dumps(tuner)
-    assert drive(copy_, 5, fail={0}) == drive(tuner, 5, fail={0})
+    assert drive(copy_, 5, f=f, fail={0}) == drive(tuner, 5, f=f, fail={0})
 
 
 def test_state_is_strict_json_at_any_time(tuner_name):
@@ -280,7 +328,7 @@ def test_corrupt_or_mismatched_state_is_refused_and_changes_nothing(tuner_name):
     ]
     if tuner_name == "hazero":
         cases += [
-            (_break(state, ["algorithm", "optimizer", "cma", "_mean"], delete=True),
+            (_break(state, ["algorithm", "optimizer", "cat_cma_with_margin", "_mean"], delete=True),
              r"does not fit cmaes .*attributes \['_mean'\] differ"),
             (_break(state, ["algorithm", "optimizer", "rng", "state", "key"], [1, 2]),
              r"corrupt hazero tuner state"),
@@ -444,12 +492,46 @@ def test_hazero_restarts_on_a_flat_score():
     assert drive(tuner, 1, f=lambda c: 1.0)[0] != asked[-1]
 
 
+@pytest.mark.parametrize("space", [ONE, TRAP], ids=["cmawm", "catcmawm"])
 @pytest.mark.parametrize("popsize, generation", [(1, 4), (2, 4), (3, 6), (4, 4), (7, 7)])
-def test_hazero_generation_spans_rounds_below_popsize_4(popsize, generation):
-    tuner = make_tuner("hazero", ONE, popsize=popsize, seed=0)
+def test_hazero_generation_spans_rounds_below_popsize_4(popsize, generation, space):
+    tuner = make_tuner("hazero", space, popsize=popsize, seed=0)
     assert tuner.generation_size == generation
     drive(tuner, generation // popsize, f=lambda c: -c["x"] ** 2)
     assert tuner._optimizer.generation == 1
+
+
+def test_hazero_searches_choices_categorically_and_the_rest_as_before():
+    assert isinstance(make_tuner("hazero", NUMERIC, popsize=4, seed=0)._optimizer, CMAwM)
+    for space in (MIXED, TRAP, ONLY_CHOICE):
+        assert isinstance(make_tuner("hazero", space, popsize=4, seed=0)._optimizer, CatCMAwM)
+
+
+@pytest.mark.parametrize("space", [NUMERIC, MIXED], ids=lambda s: s.source)
+def test_hazero_state_of_another_layout_is_refused(space):
+    tuner = make_tuner("hazero", space, popsize=4, seed=0)
+    state = tuner.state_dict()
+    assert state["algorithm"]["layout_version"] == 2
+    for bad in (_break(state, ["algorithm", "layout_version"], delete=True),  # layout 1 had none
+                _break(state, ["algorithm", "layout_version"], 3)):
+        layout = bad["algorithm"].get("layout_version")
+        message = rf"hazero state layout_version {layout!r} cannot be read .* reads layout_version 2"
+        with pytest.raises(TunerStateVersionError, match=message):
+            make_tuner("hazero", space, popsize=4, seed=0).load_state_dict(bad)
+
+
+@pytest.mark.parametrize("space", [TRAP, ONLY_CHOICE], ids=lambda s: s.source)
+def test_hazero_with_choices_restarts_and_the_restart_survives_a_round_trip(space):
+    tuner = make_tuner("hazero", space, popsize=4, seed=0)
+    asked = drive(tuner, 3, f=lambda c: 1.0)
+    assert tuner.restarts == 1  # flat scores
+    copy_ = restored(tuner)
+    assert drive(copy_, 4, f=_score_on(space)) == drive(tuner, 4, f=_score_on(space))
+    assert asked[-1] != drive(tuner, 1, f=lambda c: 1.0)[0]
+    tuner = make_tuner("hazero", space, popsize=4, seed=0)
+    drive(tuner, 2, f=_score_on(space), fail={0, 1, 2, 3})
+    assert tuner.restarts == 1  # restart_failed_generations=2 all-failed generations
+    assert tuner.best == (None, None)
 
 
 def test_hazero_integers_do_not_stall():
