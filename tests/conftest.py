@@ -48,12 +48,18 @@ def prefect_server(tmp_path_factory):
     client_env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=url,
                       PREFECT_SERVER_ANALYTICS_ENABLED="false")
     yield client_env
+    stop_group(proc, timeout=20)
+    log.close()
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM a server started with start_new_session=True, SIGKILL its group if it lingers."""
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+        proc.wait()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, stop_group
 from tasks import kill_points
 from tasks.rundir import RunDir
 from tasks.visualization import (LOG_FILE_NAME, MAIN_RUN, TRIAL_METRIC, VisualDLLogs,
@@ -338,9 +337,4 @@ def test_a_visualdl_server_serves_the_scalars_and_trials_as_they_are_appended(tm
         assert crashed["metrics"] == {TRIAL_METRIC: None}
         assert trials[f"{vis}/{trial_run(1, 1)}"]["metrics"] == {TRIAL_METRIC: f32(-0.1)}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server)
