@@ -71,8 +71,9 @@ def train_candidate(output_dir: str, k: int, i: int, params: dict,
     if record["outcome"] == "ok":
         logger.info("score %s in %.1fs\n%s", record["score"], record["duration_s"], tail)
     elif record["outcome"] != "interrupted":
-        print(crash_warning(record), flush=True)
-        logger.warning("%s\n%s", crash_warning(record), tail)
+        warning = crash_warning(record)
+        print(warning, flush=True)
+        logger.warning("%s\n%s", warning, tail)
     return record
 
 
