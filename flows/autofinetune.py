@@ -73,7 +73,7 @@ def autofinetune(script: str = "train.py", param_file: str = "hparam.yaml", gpu:
     """Tune ``script``'s hyperparameters over the space in ``param_file``; returns the best.
 
     ``output_root`` (for scheduled runs): each run writes ``output_<YYYYmmddHHMMSS>`` under
-    it, dated by the flow run's creation, so a retry of that run resumes the same dir.
+    it, dated by the flow run's schedule slot, so a retry of that run resumes the same dir.
     """
     settings = resolve_settings(
         script=script, param_file=param_file, gpu=gpu, popsize=popsize, rounds=rounds,
@@ -127,11 +127,12 @@ def _run_search(run_dir: RunDir, settings: Settings, seed: int | None) -> dict |
     run_dir.write_state(state)
     names = list(settings.space.names)
     out = str(run_dir.path)
+    on_disk = run_dir.trials()
     notify(out, "search_started", {
         "output_dir": out, "names": names, "rounds": settings.rounds,
         "popsize": state["search"]["popsize"], "next_round": state["next_round"],
-        "slots": state["run"]["slots"], "resumed": state["next_round"] > 0 or bool(run_dir.trials()),
-        "trials": run_dir.trials()})
+        "slots": state["run"]["slots"], "resumed": state["next_round"] > 0 or bool(on_disk),
+        "trials": on_disk})
     open_slot_pool(out, SlotPool(settings.slots))
     try:
         # Finish what a killed run left half done: best_model/, log_file.txt, the next plan.

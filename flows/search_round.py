@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.rundir import trial_rank_key
-from tasks.search import SearchInterrupted
-from tasks.rundir import RunDir
-from tasks.search import parents_for
-from tasks.watch import notify
+from tasks.rundir import RunDir, trial_rank_key
+from tasks.search import SearchInterrupted, parents_for
 from tasks.steps import (STOP, propose_candidates, record_round, select_and_copy_checkpoints,
                          train_candidate, update_tuner)
+from tasks.watch import notify
 
 __all__ = ["search_round", "round_summary"]
 
