@@ -472,7 +472,7 @@ def what_this_shows(configs: list[Config], summaries: dict, schedule: dict) -> l
 # Written from reading the runs' logs and Prefect 3's flow engine; true of any run of this script.
 NOTES = """\
 Notes. The slot hand-over is cheap: a task thread notices its child's exit within the 50 ms
-poll of `tasks.trial`, records the trial and the next queued task takes the slot, so a freed
+poll of `runtime.trial`, records the trial and the next queued task takes the slot, so a freed
 slot idles only tens of ms longer than in the bare pool (which pays the child interpreter's
 exit and start-up too). The flow's cost is per flow run, not per trial, and it is Prefect's:
 every `search_round` subflow run creates a flow run and four bookkeeping task runs through

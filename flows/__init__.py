@@ -1,14 +1,8 @@
-"""Prefect flows and the CLI: orchestration only (which task runs when).
+"""Prefect flows, the CLI and Prefect plumbing: orchestration only (which task runs when, on
+which task runner), the embedded API server, automations and artifacts.
 
-Importing this package sets two Prefect defaults this tool needs, unless the user set
-them: a longer start-up timeout for the embedded (ephemeral) API server, which takes
-18-21 s on a fresh database here, next to Prefect's default of 20 s; and no telemetry,
-which only logs errors on a machine without internet.
+May import everything below it: ``tasks``, ``runtime``, ``watch``, ``tuners``. Importing it
+changes nothing in the process (the CLI sets Prefect's defaults in ``flows.cli.main``).
 """
-
-import os
-
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 __all__: list[str] = []

@@ -28,7 +28,6 @@ import argparse
 import sys
 from datetime import timedelta
 
-import flows  # noqa: F401  (sets the Prefect defaults before Prefect is imported)
 from prefect.automations import Automation
 from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState

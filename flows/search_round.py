@@ -3,20 +3,28 @@
 Prefect UI names: ``round-<k>`` for the subflow run, ``train-r<k>-c<i>`` for each trial.
 The task runner has one worker per slot and every trial takes a slot the moment one
 frees, so no slot idles while another trial of the round still runs (the original ran
-waves of ``len(gpus)`` trials).
+waves of ``len(gpus)`` trials). While the round runs, this flow tells the watchers when
+a trial starts (its pid file appears in the run dir) and when it finishes (its task
+returns), so the tasks themselves never touch a watcher.
 """
 
 from __future__ import annotations
 
+import queue
+from typing import Any
+
 from prefect import flow
 
-from tasks.rundir import RunDir, trial_rank_key
-from tasks.search import SearchInterrupted, parents_for
-from tasks.steps import (STOP, propose_candidates, record_round, select_and_copy_checkpoints,
-                         train_candidate, update_tuner)
-from tasks.watch import notify
+from runtime.rundir import RunDir, trial_rank_key
+from runtime.search import SearchInterrupted, finished_trial, parents_for
+from runtime.trial import crash_warning, read_pid_file
+from tasks.steps import (plan_parents_and_prune, propose_candidates, tell_tuner, train_candidate,
+                         update_best_model)
+from watch.watchers import Watchers
 
 __all__ = ["search_round", "round_summary"]
+
+_POLL_S = 0.25  # how often the round looks for trials that started
 
 
 def round_summary(k: int, records: list[dict], names: list[str]) -> str:
@@ -34,19 +42,63 @@ def round_summary(k: int, records: list[dict], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _gather(run_dir: RunDir, k: int, futures: list, candidates: list[dict], watchers: Watchers) -> list[dict]:
+    """Every trial's record, in candidate order; tells the watchers as trials start and end.
+
+    Trials finished in an earlier run were already reported at search start (their records
+    are on disk) and are not announced again.
+    """
+    earlier = {i for i in range(len(futures)) if finished_trial(run_dir, k, i) is not None}
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    for i, future in enumerate(futures):
+        future.add_done_callback(lambda _f, i=i: done.put(i))
+    records: list[dict | None] = [None] * len(futures)
+    started = set(earlier)
+    left = len(futures)
+    while left:
+        try:
+            finished = [done.get(timeout=_POLL_S)]
+        except queue.Empty:
+            finished = []
+        for path in run_dir.round_dir(k).glob(".pid-*"):
+            i = int(path.name.rsplit("-", 1)[1])
+            info = read_pid_file(path)
+            if i not in started and info is not None and i < len(futures):
+                started.add(i)
+                watchers.notify("trial_started", k, i, {"index": info.get("slot"), "gpu": info.get("gpu")},
+                                candidates[i])
+        for i in finished:
+            left -= 1
+            record = futures[i].result()
+            records[i] = record
+            if i in earlier:
+                continue
+            if i not in started and "slot" in record:  # too quick to be seen running
+                started.add(i)
+                watchers.notify("trial_started", k, i, {"index": record["slot"], "gpu": record["gpu"]},
+                                candidates[i])
+            if record["outcome"] not in ("ok", "interrupted"):
+                print(crash_warning(record), flush=True)
+            watchers.notify("trial_finished", record)
+    return records
+
+
 @flow(name="search_round", flow_run_name="round-{k}")
-def search_round(output_dir: str, k: int, names: list[str]) -> list[dict]:
+def search_round(output_dir: str, k: int, names: list[str], placement: Any, watchers: Any) -> list[dict]:
+    """Round k. ``placement`` hands out slots (``runtime.slots.Placement``); ``watchers`` is
+    the search's ``watch.watchers.Watchers``; both live in the flow's process."""
+    run_dir = RunDir(output_dir)
     candidates = propose_candidates(output_dir, k)
-    parents = parents_for(RunDir(output_dir).read_state(), k)
+    parents = parents_for(run_dir.read_state(), k)
     futures = [train_candidate.with_options(task_run_name=f"train-r{k}-c{i}")
-               .submit(output_dir, k, i, params, parents[i])
+               .submit(output_dir, k, i, params, parents[i], placement)
                for i, params in enumerate(candidates)]
-    records = [future.result() for future in futures]
-    if STOP.is_set() or any(r["outcome"] == "interrupted" for r in records):
+    records = _gather(run_dir, k, futures, candidates, watchers)
+    if run_dir.stop.is_set() or any(r["outcome"] == "interrupted" for r in records):
         raise SearchInterrupted(f"stopped during round {k}")
-    records = update_tuner(output_dir, k)
-    best = record_round(output_dir, names)
-    select_and_copy_checkpoints(output_dir, k)
+    records = tell_tuner(output_dir, k, records)
+    best = update_best_model(output_dir, names)
+    plan_parents_and_prune(output_dir, k)
     print(round_summary(k, records, names), flush=True)
-    notify(output_dir, "round_finished", k, records, best)
+    watchers.notify("round_finished", k, records, best)
     return records

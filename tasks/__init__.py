@@ -1,4 +1,7 @@
-"""Prefect tasks (thin @task wrappers, in ``tasks.steps``) and the plain I/O code they call:
-trial subprocesses, GPU slots, the run directory. No search logic here."""
+"""Only the Prefect ``@task`` functions, thin: plain data in, one call into ``runtime``, a record out.
+
+May import ``prefect``, ``runtime`` and ``tuners``; never ``flows`` or ``watch``, and no
+module globals: a task must work in another process or on another host.
+"""
 
 __all__: list[str] = []

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import ROOT
 from flows.autofinetune import main
-from tasks import gpu_telemetry
-from tasks.gpu_telemetry import GpuTelemetry, busy_warning, gpu_line, interval_from_env, process_name
+from watch import gpu_telemetry
+from watch.gpu_telemetry import GpuTelemetry, busy_warning, gpu_line, interval_from_env, process_name
 
 MIB = 1024 * 1024
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tasks.population import plan_parents
+from runtime.population import plan_parents
 
 
 def rec(i, score, outcome="ok", k=0):

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from conftest import ROOT
 from flows.autofinetune import main
-from tasks.progress import ProgressDisplay, format_duration
+from watch.progress import ProgressDisplay, format_duration
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 SLOTS = [{"index": 0, "gpu": None, "ordinal": 0}, {"index": 1, "gpu": None, "ordinal": 0}]

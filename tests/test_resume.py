@@ -172,7 +172,7 @@ def test_a_second_live_run_on_one_output_dir_is_refused(work, prefect_server):
     first.kill()
     finish(first)
     # The kernel dropped the dead run's lock: the directory is usable again at once.
-    from tasks.rundir import RunDir
+    from runtime.rundir import RunDir
     with RunDir(work / "run").lock():
         pass
 

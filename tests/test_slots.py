@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from tasks.gpus import GpuInfo, GpuSelectionError, parse_gpu_list
-from tasks.slots import SlotPool, SlotWaitInterrupted, make_slots
+from runtime.gpus import GpuInfo, GpuSelectionError, parse_gpu_list
+from runtime.slots import SlotPool, SlotWaitInterrupted, make_slots
 
 
 def test_make_slots_spreads_over_gpus_first():

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, free_port, stop_group
-from tasks import kill_points
-from tasks.rundir import RunDir
-from tasks.visualization import (LOG_FILE_NAME, MAIN_RUN, TRIAL_METRIC, VisualDLLogs,
+from runtime import kill_points
+from runtime.rundir import RunDir
+from watch.visualization import (LOG_FILE_NAME, MAIN_RUN, TRIAL_METRIC, VisualDLLogs,
                                  VisualDLWatcher, round_points, trial_run)
 
 
@@ -171,7 +171,7 @@ def test_a_round_told_twice_even_by_a_fresh_process_is_written_once(tmp_path):
     watcher.round_finished(1, ROUNDS[1], None)
     watcher.round_finished(1, ROUNDS[1], None)  # told again by the same instance
     # ... and by a fresh process (a resumed run), which knows nothing but the run dir.
-    code = ("import json, sys; from tasks.visualization import VisualDLWatcher; "
+    code = ("import json, sys; from watch.visualization import VisualDLWatcher; "
             "w = VisualDLWatcher(output_dir=sys.argv[1], names=['x', 'n']); "
             "w.round_finished(1, json.loads(sys.argv[2]), None)")
     subprocess.run([sys.executable, "-c", code, str(out), json.dumps(ROUNDS[1])], cwd=ROOT,

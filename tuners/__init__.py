@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuners._base import STATE_VERSION, Tuner, TunerStateError, TunerStateVersionError
+from tuners._base import TUNER_STATE_VERSION, Tuner, TunerStateError, TunerStateVersionError
 from tuners.hazero import HAZero, HAZeroConfig
 from tuners.pshe2 import PSHE2, PSHE2Config
 from tuners.space import ChoiceParam, FloatParam, IntParam, Param, SearchSpace, SearchSpaceError
@@ -24,7 +24,7 @@ from tuners.space import ChoiceParam, FloatParam, IntParam, Param, SearchSpace, 
 __all__ = [
     "SearchSpace", "SearchSpaceError", "FloatParam", "IntParam", "ChoiceParam", "Param",
     "make_tuner", "TUNER_NAMES", "Tuner", "HAZero", "HAZeroConfig", "PSHE2", "PSHE2Config",
-    "TunerStateError", "TunerStateVersionError", "STATE_VERSION",
+    "TunerStateError", "TunerStateVersionError", "TUNER_STATE_VERSION",
 ]
 
 _TUNERS: dict[str, type[Tuner]] = {"hazero": HAZero, "pshe2": PSHE2}

@@ -7,7 +7,7 @@ anything itself, so it can be tested, benchmarked and restored without a GPU, a 
 The state (:meth:`Tuner.state_dict`) is plain JSON, taken at any moment, also between ``ask``
 and ``tell`` (the pipeline saves it right after ``ask`` and may be killed mid-round)::
 
-    {"version": 1, "tuner": "hazero", "popsize": 5, "seed": 0,
+    {"version": 1, "tuner": "hazero", "popsize": 5, "seed": 0,   # version: TUNER_STATE_VERSION
      "space": {...},           # SearchSpace.to_dict(): a restore into another space is refused
      "config": {...},          # the algorithm's constants (HAZeroConfig, PSHE2Config)
      "rng": {...},             # numpy's bit_generator.state: the stream continues where it was
@@ -18,6 +18,10 @@ and ``tell`` (the pipeline saves it right after ``ask`` and may be killed mid-ro
 
 Floats are written as Python floats, which JSON round-trips exactly, so a tuner restored from
 ``json.loads(json.dumps(state))`` continues bit-identically.
+
+Loading is strict: every mapping of the state must hold exactly its keys (a missing or an
+unknown key is refused by name, never defaulted or ignored), and the tuner's attributes are set
+one by one, only after the whole state has been read and checked.
 """
 
 from __future__ import annotations
@@ -34,9 +38,13 @@ import numpy as np
 
 from tuners.space import SearchSpace, SearchSpaceError
 
-__all__ = ["STATE_VERSION", "Tuner", "TunerStateError", "TunerStateVersionError"]
+__all__ = ["TUNER_STATE_VERSION", "Tuner", "TunerStateError", "TunerStateVersionError"]
 
-STATE_VERSION = 1
+# The layout of Tuner.state_dict() (not the run state of tasks/search.py, which has its own version).
+TUNER_STATE_VERSION = 1
+# The keys of a tuner state, all required.
+_STATE_KEYS = ("version", "tuner", "popsize", "seed", "space", "config", "rng", "rounds_told", "best",
+               "pending", "algorithm")
 
 
 class TunerStateError(ValueError):
@@ -53,7 +61,8 @@ class Tuner(abc.ABC):
     Subclasses set ``name`` and ``config_type`` and implement the hooks ``_start`` (initial
     records, called once by the constructor), ``_propose`` (a round's candidates),
     ``_update`` (learn from a round's scores), ``_algorithm_state`` and
-    ``_parse_algorithm_state`` (their records to and from JSON).
+    ``_parse_algorithm_state`` (their records to and from JSON) and
+    ``_restore_algorithm_state`` (set parsed records).
     """
 
     name: ClassVar[str]
@@ -169,7 +178,7 @@ class Tuner(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         """The whole state as JSON-able data (valid at any time, also between ask and tell)."""
         return {
-            "version": STATE_VERSION,
+            "version": TUNER_STATE_VERSION,
             "tuner": self.name,
             "popsize": self._popsize,
             "seed": self._seed,
@@ -191,19 +200,26 @@ class Tuner(abc.ABC):
         if not isinstance(state, Mapping):
             raise TunerStateError(f"tuner state must be a mapping, got {type(state).__name__}")
         version = state.get("version")
-        if version != STATE_VERSION:
+        if version != TUNER_STATE_VERSION:
             raise TunerStateVersionError(
                 f"tuner state version {version!r} cannot be read by this version, which reads version "
-                f"{STATE_VERSION}; start a new search (new output dir)")
+                f"{TUNER_STATE_VERSION}; start a new search (new output dir)")
         try:
             staged = self._parse_state(state)
         except TunerStateError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
             raise TunerStateError(f"corrupt {self.name} tuner state: {type(e).__name__}: {e}") from e
-        self.__dict__.update(staged)
+        # all of it checked: set it (nothing below can fail)
+        self._seed = staged.seed
+        self._rng = staged.rng
+        self._rounds_told = staged.rounds_told
+        self._best = staged.best
+        self._pending = staged.pending
+        self._restore_algorithm_state(staged.algorithm)
 
-    def _parse_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+    def _parse_state(self, state: Mapping[str, Any]) -> _StagedState:
+        _check_keys(state, _STATE_KEYS, "the state")
         name = _get(state, "tuner")
         if name != self.name:
             raise TunerStateError(f"the state is of tuner {name!r}, not {self.name!r}; "
@@ -216,16 +232,22 @@ class Tuner(abc.ABC):
         config_dict = _get(state, "config")
         if not isinstance(config_dict, Mapping):
             raise TunerStateError(f"corrupt {self.name} tuner state: config={config_dict!r} is not a mapping")
+        _check_keys(config_dict, [f.name for f in dataclasses.fields(self.config_type)], "the state's config")
         config = self.config_type(**config_dict)
         if config != self._config:
             raise TunerStateError(f"the state was made with {config}, this tuner has {self._config}; "
                                   "restore with the same settings")
         seed = _int(_get(state, "seed"), "seed")
         rng = np.random.Generator(np.random.PCG64())
-        rng.bit_generator.state = copy.deepcopy(dict(_get(state, "rng")))
+        template = rng.bit_generator.state
+        rng_dict = _get(state, "rng")
+        _check_keys(rng_dict, list(template), "the state's rng")
+        _check_keys(rng_dict["state"], list(template["state"]), "the state's rng state")
+        rng.bit_generator.state = copy.deepcopy(dict(rng_dict))
         rounds_told = _int(_get(state, "rounds_told"), "rounds_told")
         best = _get(state, "best")
         if best is not None:
+            _check_keys(best, ("params", "score"), "the state's best")
             params = dict(_get(best, "params"))
             self._space.normalize(params)  # legal values of this space, or ValueError
             score = float(_get(best, "score"))
@@ -239,8 +261,9 @@ class Tuner(abc.ABC):
             pending = [dict(p) for p in pending]
             for p in pending:
                 self._space.normalize(p)
-        common = {"_seed": seed, "_rng": rng, "_rounds_told": rounds_told, "_best": best, "_pending": pending}
-        return {**common, **self._parse_algorithm_state(_get(state, "algorithm"), common)}
+        algorithm = self._parse_algorithm_state(_get(state, "algorithm"), pending=pending)
+        return _StagedState(seed=seed, rng=rng, rounds_told=rounds_told, best=best, pending=pending,
+                            algorithm=algorithm)
 
     def _check_same_space(self, space_dict: Any) -> None:
         try:
@@ -277,11 +300,47 @@ class Tuner(abc.ABC):
         """The algorithm's records as JSON-able data."""
 
     @abc.abstractmethod
-    def _parse_algorithm_state(self, d: Any, common: dict[str, Any]) -> dict[str, Any]:
-        """Validated attributes to set from ``_algorithm_state`` output; raise on anything wrong."""
+    def _parse_algorithm_state(self, d: Any, *, pending: list[dict[str, Any]] | None) -> Any:
+        """The records in ``_algorithm_state`` output, checked but not yet set; raise on anything wrong.
+
+        ``pending`` is the state's pending candidates (already checked). ``d`` must hold exactly
+        the keys ``_algorithm_state`` writes (:func:`_check_keys`).
+        """
+
+    @abc.abstractmethod
+    def _restore_algorithm_state(self, records: Any) -> None:
+        """Set the records that ``_parse_algorithm_state`` returned (called only once all of the state checked)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _StagedState:
+    """A state read and checked by :meth:`Tuner._parse_state`, not yet set on the tuner."""
+
+    seed: int
+    rng: np.random.Generator
+    rounds_told: int
+    best: tuple[dict[str, Any], float] | None
+    pending: list[dict[str, Any]] | None
+    algorithm: Any  # what the tuner's _parse_algorithm_state returned
 
 
 # --- helpers for the parsers -----------------------------------------------------------
+
+
+def _check_keys(d: Any, expected: Sequence[str], where: str) -> None:
+    """Refuse ``d`` unless it is a mapping with exactly the keys ``expected``, naming the odd ones."""
+    if not isinstance(d, Mapping):
+        raise TunerStateError(f"corrupt tuner state: {where} must be a mapping with keys "
+                              f"{', '.join(expected)}; got {type(d).__name__}")
+    missing = [k for k in expected if k not in d]
+    unknown = [k for k in d if k not in expected]
+    if missing:
+        s = "s" if len(missing) > 1 else ""
+        raise TunerStateError(f"corrupt tuner state: missing key{s} {', '.join(map(repr, missing))} in {where}")
+    if unknown:
+        s = "s" if len(unknown) > 1 else ""
+        raise TunerStateError(f"corrupt tuner state: unknown key{s} {', '.join(map(repr, unknown))} in {where}, "
+                              f"which holds exactly: {', '.join(expected)}")
 
 
 def _get(d: Any, key: str) -> Any:

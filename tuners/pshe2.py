@@ -55,10 +55,14 @@ from typing import Any
 
 import numpy as np
 
-from tuners._base import Tuner, _get, _matrix, _opt_float
+from tuners._base import Tuner, _check_keys, _get, _matrix, _opt_float
 from tuners.space import ChoiceParam
 
 __all__ = ["PSHE2", "PSHE2Config"]
+
+# The keys of PSHE2's algorithm state, all required.
+_ALGORITHM_KEYS = ("positions", "momenta", "personal_best_positions", "personal_best_scores",
+                   "global_best_position", "global_best_score")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,18 @@ class PSHE2Config:
             raise ValueError(f"alpha must be > 0, got alpha={self.alpha!r}")
         if not (math.isfinite(self.epsilon) and 0 <= self.epsilon <= 1):
             raise ValueError(f"epsilon must be in [0, 1], got epsilon={self.epsilon!r}")
+
+
+@dataclass(frozen=True)
+class _SwarmState:
+    """The particles as read from a state, checked, before they are set on the tuner."""
+
+    x: np.ndarray  # positions, one row per particle
+    m: np.ndarray  # momenta
+    p: np.ndarray  # personal best positions (rows valid where p_score is not None)
+    p_score: list[float | None]
+    g: np.ndarray | None  # global best position
+    g_score: float | None
 
 
 class PSHE2(Tuner):
@@ -148,7 +164,8 @@ class PSHE2(Tuner):
             "global_best_score": self._g_score,
         }
 
-    def _parse_algorithm_state(self, d: Any, common: dict[str, Any]) -> dict[str, Any]:
+    def _parse_algorithm_state(self, d: Any, *, pending: list[dict[str, Any]] | None) -> _SwarmState:
+        _check_keys(d, _ALGORITHM_KEYS, "the pshe2 algorithm state")
         n, shape = self._space.dim, (self._popsize, self._space.dim)
         x = _matrix(_get(d, "positions"), "positions", shape, box=True)
         m = _matrix(_get(d, "momenta"), "momenta", shape)
@@ -168,4 +185,8 @@ class PSHE2(Tuner):
         if (g_row is None) != (g_score is None):
             raise ValueError("global best position and score disagree")
         g = None if g_row is None else _matrix(g_row, "global best position", (n,), box=True)
-        return {"_x": x, "_m": m, "_p": p, "_p_score": p_scores, "_g": g, "_g_score": g_score}
+        return _SwarmState(x=x, m=m, p=p, p_score=p_scores, g=g, g_score=g_score)
+
+    def _restore_algorithm_state(self, records: _SwarmState) -> None:
+        self._x, self._m, self._p = records.x, records.m, records.p
+        self._p_score, self._g, self._g_score = list(records.p_score), records.g, records.g_score

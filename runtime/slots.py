@@ -10,8 +10,10 @@ holds an exclusive ``fcntl.flock`` on a per-(GPU, #) lock file, so two searches 
 host with overlapping ``--gpu`` lists never put more than K trials on one GPU; the
 kernel drops the lock when its holder dies, so a killed search leaves nothing stuck.
 
-The interface a scheduler needs is small: ``SlotPool.acquire(stop)`` as a context manager
-yielding a ``Slot``. A Dask cluster whose workers each own a GPU can provide the same.
+The interface a trial needs is small, ``Placement``: ``acquire(stop)``, a context manager
+yielding a ``Slot``. The flow hands one to every ``train_candidate`` task as an argument:
+``SlotPool`` (threads of the flow's process) today; a Dask cluster whose workers each own a
+GPU can provide the same.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator, Protocol
 
-__all__ = ["Slot", "SlotPool", "SlotWaitInterrupted", "make_slots", "default_lock_dir"]
+__all__ = ["Slot", "SlotPool", "SlotWaitInterrupted", "Placement", "StopCheck", "make_slots",
+           "default_lock_dir"]
 
 LOCK_DIR_ENV = "AUTOFINETUNE_LOCK_DIR"
 _POLL_S = 0.1  # how often a waiter re-tries GPU locks held by another process
@@ -43,6 +46,18 @@ class Slot:
 
     def describe(self) -> str:
         return f"cpu-slot {self.index}" if self.gpu is None else f"gpu {self.gpu} (place {self.ordinal})"
+
+
+class StopCheck(Protocol):
+    """A stop request to poll: ``runtime.rundir.StopMarker`` (any process), a threading.Event."""
+
+    def is_set(self) -> bool: ...
+
+
+class Placement(Protocol):
+    """Where a trial runs: blocks until a slot is free, yields it, frees it on exit."""
+
+    def acquire(self, stop: StopCheck | None = None) -> ContextManager[Slot]: ...
 
 
 class SlotWaitInterrupted(Exception):
@@ -93,7 +108,7 @@ class SlotPool:
         return True
 
     @contextlib.contextmanager
-    def acquire(self, stop: threading.Event | None = None) -> Iterator[Slot]:
+    def acquire(self, stop: StopCheck | None = None) -> Iterator[Slot]:
         """Block until a slot is free (here and, for GPUs, in every other process)."""
         slot = self._take(stop)
         try:
@@ -101,7 +116,7 @@ class SlotPool:
         finally:
             self._give_back(slot)
 
-    def _take(self, stop: threading.Event | None) -> Slot:
+    def _take(self, stop: StopCheck | None) -> Slot:
         with self._cond:
             while True:
                 if stop is not None and stop.is_set():

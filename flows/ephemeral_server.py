@@ -14,7 +14,7 @@ import signal
 import time
 from pathlib import Path
 
-from tasks.trial import process_start_time
+from runtime.trial import process_start_time
 
 __all__ = ["record_ephemeral_server", "reap_stale_server"]
 

@@ -20,58 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-from tasks.kill_points import kill_point
+from runtime.atomic_files import fsync_dir, read_json, write_json_atomic, write_text_atomic
+from runtime.kill_points import kill_point
+from runtime.state import RunState
 
-__all__ = ["RunDir", "RunDirBusy", "write_json_atomic", "read_json", "trial_rank_key"]
+__all__ = ["RunDir", "RunDirBusy", "StopMarker", "trial_rank_key"]
 
 _FINAL_BEST_HEADER = "The final best hyperparameters:"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path``: temporary file, fsync, rename, fsync the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    data = json.dumps(obj, indent=1, sort_keys=False, allow_nan=False) + "\n"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_json(path: Path) -> Any | None:
-    """The parsed JSON in ``path``, or None when the file does not exist."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
 
 
 def trial_rank_key(record: dict) -> tuple:
@@ -87,6 +47,45 @@ def trial_rank_key(record: dict) -> tuple:
 
 class RunDirBusy(RuntimeError):
     """Another live search holds this output directory."""
+
+
+class StopMarker:
+    """A stop request every process sharing the run dir sees: the file ``OUTPUT/.stop``.
+
+    The CLI's Ctrl-C/SIGTERM handler sets it; trials poll ``is_set()`` (a stat) wherever they
+    run, launch nothing more and terminate their process groups. A search clears it when it
+    starts, so a stop never outlives the run it stopped. Picklable: it is only a path.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def is_set(self) -> bool:
+        return self.path.exists()
+
+    def set(self) -> None:
+        """Request the stop, as this process (its pid is written into the marker)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # a stop before the run dir exists
+            self.path.write_text(f"{os.getpid()}\n")
+        except OSError:  # read-only or gone: nothing can run there anyway
+            pass
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def clear_stale(self) -> None:
+        """Remove a marker some other process left (a stopped or killed earlier run); keep
+        one this process set (a Ctrl-C while the search was starting)."""
+        try:
+            mine = self.path.read_text().strip() == str(os.getpid())
+        except (FileNotFoundError, OSError):
+            return
+        if not mine:
+            self.clear()
+
+    def __repr__(self) -> str:
+        return f"StopMarker({str(self.path)!r})"
 
 
 class RunDir:
@@ -158,12 +157,18 @@ class RunDir:
         finally:
             os.close(fd)
 
-    # -- state -------------------------------------------------------------------------
-    def read_state(self) -> dict | None:
-        return read_json(self.state_path)
+    @property
+    def stop(self) -> StopMarker:
+        """``OUTPUT/.stop``: present while a stop is requested."""
+        return StopMarker(self.path / ".stop")
 
-    def write_state(self, state: dict) -> None:
-        write_json_atomic(self.state_path, state)
+    # -- state -------------------------------------------------------------------------
+    def read_state(self) -> RunState | None:
+        """``state.json`` as a RunState; None before the first save. RunStateError if damaged."""
+        return RunState.load(self.state_path)
+
+    def write_state(self, state: RunState) -> None:
+        state.save(self.state_path)
 
     def read_trial(self, k: int, i: int) -> dict | None:
         return read_json(self.trial_path(k, i))
@@ -204,7 +209,7 @@ class RunDir:
         if self.best_model.exists():
             os.rename(self.best_model, old)
         os.rename(staging, self.best_model)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         if old.exists():
             shutil.rmtree(old)
 
@@ -241,4 +246,4 @@ class RunDir:
             lines.append("\t".join([*(str(t["params"][n]) for n in names), str(score),
                                     t["saved_params_dir"], str(t["round"]), str(t["candidate"]),
                                     t["outcome"], t.get("parent") or "-"]))
-        _write_text_atomic(self.log_file, "\n".join(lines) + "\n")
+        write_text_atomic(self.log_file, "\n".join(lines) + "\n")

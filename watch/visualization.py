@@ -1,6 +1,6 @@
 """VisualDL logs of a search in ``OUTPUT/visualization``: ``visualdl --logdir OUTPUT/visualization``.
 
-A watcher (see ``tasks.watch``) that writes, after each told round k (step = k):
+A watcher (see ``watch.registry``) that writes, after each told round k (step = k):
 
 ```
 visualization/                      main run, as the original
@@ -22,7 +22,7 @@ Beyond the original, and decisions it did not have to make:
   hyperparameters are written, and in the HParams view it appears with ``outcome`` (a
   string axis) and an empty metric, so the regions that crash are visible. Until some
   trial succeeds, ``hyperparameter_tuning/*`` has no point (there is no best yet).
-- The best is ``tasks.rundir.trial_rank_key``'s: failures below every score, ties to the
+- The best is ``runtime.rundir.trial_rank_key``'s: failures below every score, ties to the
   earliest trial, the same trial as ``best_model/``.
 - A hyperparameter whose value is not a number (a ``choice`` of strings) has no scalar
   curve; it is in the HParams view. VisualDL stores scalars as 32-bit floats; the HParams
@@ -62,7 +62,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-from tasks.rundir import RunDir, read_json, trial_rank_key, write_json_atomic
+from runtime.atomic_files import read_json, write_json_atomic
+from runtime.rundir import RunDir, trial_rank_key
 
 __all__ = ["Scalar", "TrialHParams", "RoundPoints", "round_points", "trial_run", "VisualDLLogs",
            "VisualDLWatcher", "MAIN_RUN", "TRIAL_METRIC", "LOG_FILE_NAME"]

@@ -23,11 +23,12 @@ a bad score would only repeat.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
+import socket
 import subprocess
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -35,10 +36,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from autofinetune import RESULT_FILE_ENV
-from tasks.slots import Slot
+from runtime.gpu_sampling import GpuSampler
+from runtime.slots import Slot, StopCheck
 
 __all__ = ["TrialSpec", "build_argv", "run_trial", "FINAL_OUTCOMES", "RETRYABLE_OUTCOMES",
-           "crash_warning", "log_tail", "reap_orphans", "process_start_time"]
+           "crash_warning", "log_tail", "reap_orphans", "read_pid_file", "process_start_time"]
 
 FINAL_OUTCOMES = frozenset({"ok", "crashed", "killed", "no_result", "invalid_score", "timeout",
                             "failed_to_start"})
@@ -59,7 +61,7 @@ class TrialSpec:
     saved_params_dir: str
     log_path: str
     result_path: str
-    pid_path: str  # "<pid> <start time>" while the process group runs: a resume reaps orphans
+    pid_path: str  # JSON {pid, start, host, slot, gpu} while the process group runs: a resume reaps orphans
     model_path: str | None = None  # parent checkpoint (Population-Based rounds after the first)
     parent: str | None = None  # the parent as "round<k>/model-<i>"
     extras: list = field(default_factory=list)  # [[KEY, VALUE], ...] forwarded as --KEY=VALUE
@@ -98,23 +100,32 @@ def process_start_time(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]
 
 
+def read_pid_file(path: Path) -> dict | None:
+    """A running trial's ``{"pid", "start", "host", "slot", "gpu"}``; None when gone or unreadable."""
+    try:
+        info = json.loads(Path(path).read_text())
+        int(info["pid"]), str(info["start"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+    return info
+
+
 def reap_orphans(pid_files: list[Path]) -> list[int]:
     """Kill the process groups of trials whose search was SIGKILLed (their pid files remain).
 
     Such an orphan would otherwise go on writing into the model dir that the resumed run
-    gives to the re-run of the same trial. Returns the process groups killed.
+    gives to the re-run of the same trial. Only trials started on this host are reaped (a
+    pid means nothing elsewhere). Returns the process groups killed.
     """
     killed = []
+    host = socket.gethostname()
     for path in pid_files:
-        try:
-            pid_text, start = path.read_text().split()
-        except (FileNotFoundError, ValueError):
-            path.unlink(missing_ok=True)
+        info = read_pid_file(path)
+        if info is not None and info.get("host", host) != host:
             continue
-        pid = int(pid_text)
-        if process_start_time(pid) == start:
-            _kill_group(pid, signal.SIGKILL)
-            killed.append(pid)
+        if info is not None and process_start_time(int(info["pid"])) == str(info["start"]):
+            _kill_group(int(info["pid"]), signal.SIGKILL)
+            killed.append(int(info["pid"]))
         path.unlink(missing_ok=True)
     return killed
 
@@ -134,7 +145,7 @@ def _read_score(path: Path) -> tuple[float | None, str | None]:
     return score, None
 
 
-def _run_once(spec: TrialSpec, slot: Slot, stop: threading.Event) -> dict:
+def _run_once(spec: TrialSpec, slot: Slot, stop: StopCheck) -> dict:
     """Launch the child once and wait for it; the record's outcome fields."""
     result_path = Path(spec.result_path)
     result_path.unlink(missing_ok=True)  # a stale score from an interrupted attempt never counts
@@ -156,7 +167,8 @@ def _run_once(spec: TrialSpec, slot: Slot, stop: threading.Event) -> dict:
             log.write(f"autofinetune: failed to start: {exc}\n".encode())
             return {"outcome": "failed_to_start", "exit_code": None, "error": str(exc)}
     pid_path = Path(spec.pid_path)
-    pid_path.write_text(f"{proc.pid} {process_start_time(proc.pid)}\n")
+    pid_path.write_text(json.dumps({"pid": proc.pid, "start": process_start_time(proc.pid),
+                                    "host": socket.gethostname(), "slot": slot.index, "gpu": slot.gpu}) + "\n")
     deadline = None if spec.timeout_s is None else time.monotonic() + spec.timeout_s
     why_killed = None
     while True:
@@ -194,20 +206,27 @@ def _run_once(spec: TrialSpec, slot: Slot, stop: threading.Event) -> dict:
     return {"outcome": "ok", "exit_code": code, "score": score}
 
 
-def run_trial(spec: TrialSpec, slot: Slot, *, stop: threading.Event) -> dict:
-    """Run the trial (with retries of signal kills and failed starts) and return its record."""
+def run_trial(spec: TrialSpec, slot: Slot, *, stop: StopCheck, gpu_sampler: GpuSampler | None = None) -> dict:
+    """Run the trial (with retries of signal kills and failed starts) and return its record.
+
+    ``stop``: anything with ``is_set()`` (a ``StopMarker`` in the run dir, a threading.Event);
+    once it is set no attempt starts and a running one's process group is terminated.
+    ``gpu_sampler`` (default: one for the slot's GPU) samples the GPU while the trial runs.
+    """
     Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
     Path(spec.log_path).write_bytes(b"")  # a re-run (resume) starts a fresh log
     started, t0 = _now(), time.monotonic()
     attempts = []
-    while True:
-        outcome = _run_once(spec, slot, stop)
-        attempts.append(outcome)
-        if outcome["outcome"] not in RETRYABLE_OUTCOMES or len(attempts) > spec.retries or stop.is_set():
-            break
-        with open(spec.log_path, "ab") as log:
-            log.write(f"\nautofinetune: attempt {len(attempts)} {outcome['outcome']} "
-                      f"({outcome.get('error')}); retrying\n".encode())
+    sampler = gpu_sampler if gpu_sampler is not None else GpuSampler(slot.gpu)
+    with sampler:
+        while True:
+            outcome = _run_once(spec, slot, stop)
+            attempts.append(outcome)
+            if outcome["outcome"] not in RETRYABLE_OUTCOMES or len(attempts) > spec.retries or stop.is_set():
+                break
+            with open(spec.log_path, "ab") as log:
+                log.write(f"\nautofinetune: attempt {len(attempts)} {outcome['outcome']} "
+                          f"({outcome.get('error')}); retrying\n".encode())
     record = {
         "round": spec.round, "candidate": spec.candidate, "params": spec.params,
         "score": None, "error": None, **attempts[-1],
@@ -217,7 +236,12 @@ def run_trial(spec: TrialSpec, slot: Slot, *, stop: threading.Event) -> dict:
         "started_at": started, "ended_at": _now(), "duration_s": round(time.monotonic() - t0, 3),
         "saved_params_dir": spec.saved_params_dir, "model_path": spec.model_path,
         "parent": spec.parent, "log": spec.log_path, "argv": build_argv(spec),
+        "host": socket.gethostname(),
     }
+    if sampler.sampled:
+        record["gpu_samples"] = sampler.samples
+    if sampler.error:
+        record["gpu_sampling_error"] = sampler.error
     return record
 
 

@@ -1,4 +1,4 @@
-"""Live progress of a search in the terminal: a watcher (see ``tasks.watch``).
+"""Live progress of a search in the terminal: a watcher (see ``watch.registry``).
 
 On a terminal it draws a small rich ``Live`` panel below the normal output: round k of N,
 trials running / done / failed (this round and in total), the best score so far with its
@@ -45,8 +45,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from tasks.rundir import trial_rank_key
-from tasks.trial import FINAL_OUTCOMES
+from runtime.rundir import trial_rank_key
+from runtime.trial import FINAL_OUTCOMES
 
 __all__ = ["ProgressDisplay", "MODES", "MODE_ENV", "format_duration"]
 

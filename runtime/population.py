@@ -15,28 +15,29 @@ and logs it. The rule:
 
 from __future__ import annotations
 
-from tasks.rundir import trial_rank_key
+from runtime.rundir import trial_rank_key
+from runtime.state import Parent, ParentPlan
 
 __all__ = ["plan_parents"]
 
 
-def plan_parents(records: list[dict], *, popsize: int, has_checkpoint: list[bool],
-                 previous: list[dict] | None) -> dict:
-    """``{"parents": [...ranked...], "assignment": [parent or None per candidate]}``.
+def plan_parents(records: list[dict], *, round: int, popsize: int, has_checkpoint: list[bool],
+                 previous: tuple[Parent, ...] | None) -> ParentPlan:
+    """Round ``round``'s plan: its parents, best first, and each candidate's parent (or None).
 
-    ``records`` are one round's trial records; ``has_checkpoint[i]`` says whether
+    ``records`` are the previous round's trial records; ``has_checkpoint[i]`` says whether
     candidate i's saved_params_dir exists and is not empty; ``previous`` is the parents
-    list of the plan before (used when no trial of this round can be a parent).
+    of the plan before (used when no trial of this round can be a parent).
     """
     eligible = [r for r, ok in zip(records, has_checkpoint) if ok and r["outcome"] == "ok"]
     eligible.sort(key=trial_rank_key)
     if eligible:
-        parents = [{"name": f"round{r['round']}/model-{r['candidate']}",
-                    "model_path": r["saved_params_dir"], "round": r["round"],
-                    "candidate": r["candidate"], "score": r["score"]}
-                   for r in eligible[:max(1, len(eligible) // 2)]]
+        parents = tuple(Parent(name=f"round{r['round']}/model-{r['candidate']}",
+                               model_path=r["saved_params_dir"], round=r["round"],
+                               candidate=r["candidate"], score=r["score"])
+                        for r in eligible[:max(1, len(eligible) // 2)])
     else:
-        parents = list(previous or [])
-    assignment = [parents[i % len(parents)] if parents else None for i in range(popsize)]
-    return {"parents": parents, "assignment": assignment}
+        parents = tuple(previous or ())
+    assignment = tuple(parents[i % len(parents)] if parents else None for i in range(popsize))
+    return ParentPlan(round=round, parents=parents, assignment=assignment)
 

@@ -1,0 +1,233 @@
+"""The search's steps as plain functions over the run directory (the @tasks call these).
+
+Everything a step needs is read from ``OUTPUT/state.json`` (a ``runtime.state.RunState``)
+and the trial records, and everything it decides is written back before it returns, so any
+step can be re-run after a kill: asking the tuner for round k twice returns the same
+candidates, a finished trial is never run again, and telling round k happens exactly once.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from runtime.kill_points import kill_point
+from runtime.population import plan_parents
+from runtime.rundir import RunDir, trial_rank_key
+from runtime.state import BestTrial, Parent, ParentPlan, RunOptions, RunState, SearchKey
+from runtime.slots import Placement, SlotWaitInterrupted
+from runtime.trial import FINAL_OUTCOMES, TrialSpec, crash_warning, log_tail, run_trial
+from tuners import SearchSpace, make_tuner
+
+__all__ = ["SearchMismatchError", "SearchInterrupted", "new_state", "check_resume", "propose",
+           "trial_spec", "finished_trial", "run_candidate", "tell_round", "record_best", "load_tuner", "plan_next_parents",
+           "parents_for"]
+
+
+class SearchMismatchError(ValueError):
+    """The output dir holds a different search than the one asked for."""
+
+
+class SearchInterrupted(Exception):
+    """The search was stopped (Ctrl-C, SIGTERM, a cancel) before a round finished."""
+
+
+def new_state(search: SearchKey, rounds: int, run: RunOptions) -> RunState:
+    """A fresh run state; ``search.seed`` must be set (the CLI draws one when none was given)."""
+    return RunState(search=search, rounds=rounds, run=run, tuner=_new_tuner(search).state_dict())
+
+
+def _new_tuner(search: SearchKey):
+    return make_tuner(search.strategy, SearchSpace.from_dict(search.space), popsize=search.popsize,
+                      seed=search.seed)
+
+
+def check_resume(state: RunState, search: SearchKey, state_path: Path) -> None:
+    """Refuse to mix two searches in one output dir: say exactly what differs."""
+    old = state.search
+    diffs = []
+    for key, label in (("strategy", "--tuning-strategy"), ("evaluator", "--evaluator"),
+                       ("popsize", "--popsize")):
+        if getattr(old, key) != getattr(search, key):
+            diffs.append(f"{label} was {getattr(old, key)}, now {getattr(search, key)}")
+    if search.seed is not None and old.seed != search.seed:
+        diffs.append(f"--seed was {old.seed}, now {search.seed}")
+    if old.space != search.space:
+        changed = _space_diff(old.space, search.space)
+        diffs.append(f"the search space (--param-file) changed: {changed}")
+    if diffs:
+        raise SearchMismatchError(
+            f"{state_path.parent}: holds a different search ({'; '.join(diffs)}); "
+            "resume with the original settings or choose a new --output-dir")
+
+
+def _space_diff(old: dict, new: dict) -> str:
+    a = {p["name"]: p for p in old["param_list"]}
+    b = {p["name"]: p for p in new["param_list"]}
+    parts = [f"{n} removed" for n in a if n not in b] + [f"{n} added" for n in b if n not in a]
+    parts += [f"{n} {a[n]} -> {b[n]}" for n in a if n in b and a[n] != b[n]]
+    return ", ".join(parts) or "parameter order differs"
+
+
+def load_tuner(state: RunState):
+    tuner = _new_tuner(state.search)
+    tuner.load_state_dict(state.tuner)
+    return tuner
+
+
+def propose(run_dir: RunDir, k: int) -> list[dict]:
+    """Round k's candidates: asked once, persisted, and returned again on a re-run."""
+    state = run_dir.read_state()
+    tuner = load_tuner(state)
+    if state.pending_round == k:
+        return tuner.pending
+    if state.next_round != k:
+        raise RuntimeError(f"round {k} asked out of order (state is at round {state.next_round})")
+    candidates = tuner.ask()
+    state.tuner = tuner.state_dict()
+    state.pending_round = k
+    run_dir.write_state(state)
+    return candidates
+
+
+def finished_trial(run_dir: RunDir, k: int, i: int) -> dict | None:
+    """Trial (k, i)'s record when it already reached a final outcome (a resumed run skips it)."""
+    record = run_dir.read_trial(k, i)
+    return record if record is not None and record["outcome"] in FINAL_OUTCOMES else None
+
+
+def trial_spec(run_dir: RunDir, state: RunState, k: int, i: int, params: dict,
+               parent: Parent | None = None) -> TrialSpec:
+    """What trial (k, i) runs: its argv parts and files. Population-Based children get
+    ``--model_path`` and ``--epochs=<pbt_epochs>`` (unless an ``epochs`` extra is forwarded)."""
+    run = state.run
+    space = SearchSpace.from_dict(state.search.space)
+    extras = [list(kv) for kv in run.extras]
+    model_path = None
+    if parent is not None:
+        model_path = parent.model_path
+        if run.pbt_epochs and not any(key == "epochs" for key, _ in extras):
+            extras.insert(0, ["epochs", str(run.pbt_epochs)])  # a forwarded epochs extra wins
+    return TrialSpec(
+        round=k, candidate=i, params=params,
+        flags=[[name, space.format_value(name, params[name])] for name in space.names],
+        python=run.python, script=run.script, cwd=run.cwd,
+        saved_params_dir=str(run_dir.model_dir(k, i)), log_path=str(run_dir.log_path(k, i)),
+        result_path=str(run_dir.result_path(k, i)), pid_path=str(run_dir.pid_path(k, i)),
+        model_path=model_path, parent=None if parent is None else parent.name, extras=extras,
+        timeout_s=run.trial_timeout, retries=run.trial_retries)
+
+
+def run_candidate(run_dir: RunDir, k: int, i: int, params: dict, parent: Parent | None,
+                  placement: Placement, logger) -> dict:
+    """Run candidate i of round k on the next free slot of ``placement``, record its outcome
+    in ``trial-<i>.json`` and return the record. A trial finished in an earlier run is not run
+    again (its record is returned). A stop (``run_dir.stop``) before launch returns an
+    ``interrupted`` record, written nowhere. ``logger``: a ``logging.Logger``-like object.
+    """
+    done = finished_trial(run_dir, k, i)
+    if done is not None:
+        logger.info("already finished in an earlier run: %s, score %s", done["outcome"], done["score"])
+        return done
+    spec = trial_spec(run_dir, run_dir.read_state(), k, i, params, parent)
+    stop = run_dir.stop
+    try:
+        with placement.acquire(stop) as slot:
+            logger.info("running on %s: %s", slot.describe(), " ".join(f"--{n}={v}" for n, v in spec.flags))
+            if parent is not None:
+                logger.info("continues from parent checkpoint %s", parent.name)
+            record = run_trial(spec, slot, stop=stop)
+    except SlotWaitInterrupted:
+        return {"round": k, "candidate": i, "params": params, "outcome": "interrupted",
+                "score": None, "error": "stopped before launch"}
+    run_dir.write_trial(record)
+    kill_point("trial_recorded")
+    tail = log_tail(spec.log_path)
+    if record["outcome"] == "ok":
+        logger.info("score %s in %.1fs\n%s", record["score"], record["duration_s"], tail)
+    elif record["outcome"] != "interrupted":
+        logger.warning("%s\n%s", crash_warning(record), tail)
+    if record.get("gpu_sampling_error"):
+        logger.warning("GPU telemetry: %s", record["gpu_sampling_error"])
+    return record
+
+
+def tell_round(run_dir: RunDir, k: int, records: list[dict]) -> list[dict]:
+    """Tell the tuner round k's scores (failures as None), as its trials returned them, and
+    persist. Refuses a round with a trial that did not reach a final outcome."""
+    state = run_dir.read_state()
+    if len(records) != state.search.popsize or [r["candidate"] for r in records] != list(range(len(records))):
+        raise ValueError(f"round {k}: expected the records of candidates 0..{state.search.popsize - 1} "
+                         f"in order, got {[r.get('candidate') for r in records]}")
+    unfinished = [i for i, r in enumerate(records) if r is None or r["outcome"] not in FINAL_OUTCOMES]
+    if unfinished:
+        raise SearchInterrupted(f"round {k}: trials {unfinished} did not finish")
+    if state.next_round == k:  # not told yet (a re-run after a kill may find it told)
+        tuner = load_tuner(state)
+        tuner.tell([r["score"] if r["outcome"] == "ok" else None for r in records])
+        state.tuner = tuner.state_dict()
+        state.next_round = k + 1
+        state.pending_round = None
+        run_dir.write_state(state)
+        kill_point("round_told")
+    return records
+
+
+def record_best(run_dir: RunDir, names: list[str], *, final: bool) -> dict | None:
+    """Bring best_model/ and log_file.txt up to date with every told round; the best trial.
+
+    Idempotent: a resume calls it first to finish what a kill interrupted.
+    """
+    run_dir.recover_best_model()
+    state = run_dir.read_state()
+    trials = run_dir.trials(rounds=state.next_round)
+    ok = [t for t in trials if t["outcome"] == "ok"]
+    best = min(ok, key=trial_rank_key) if ok else None
+    if best is not None:
+        key = BestTrial(round=best["round"], candidate=best["candidate"], score=best["score"])
+        if state.best != key or not run_dir.best_model.is_dir():
+            run_dir.replace_best_model(Path(best["saved_params_dir"]))
+            state.best = key
+            run_dir.write_state(state)
+    run_dir.write_log_file(names, trials, final=final)
+    return best
+
+
+def _has_checkpoint(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def plan_next_parents(run_dir: RunDir, k: int) -> ParentPlan | None:
+    """After round k: decide which checkpoint each candidate of round k+1 continues from
+    (Population-Based only), then delete the model dirs ``--keep-checkpoints needed`` does
+    not keep. Copies nothing: a child reads its parent's dir through ``--model_path``.
+    Idempotent: a resume re-runs it to finish what a kill interrupted; the plan is decided
+    only once.
+    """
+    state = run_dir.read_state()
+    popsize = state.search.popsize
+    plan = state.plan
+    if state.search.evaluator == "populationbased" and (plan is None or plan.round != k + 1):
+        records = [run_dir.read_trial(k, i) for i in range(popsize)]
+        has = [_has_checkpoint(Path(r["saved_params_dir"])) for r in records]
+        plan = plan_parents(records, round=k + 1, popsize=popsize, has_checkpoint=has,
+                            previous=plan.parents if plan else None)
+        state.plan = plan
+        run_dir.write_state(state)  # decided before anything is deleted
+        kill_point("plan_decided")
+    if state.run.keep_checkpoints == "needed":
+        keep = {p.model_path for p in plan.parents} if plan else set()
+        for j in range(k + 1):
+            for i in range(popsize):
+                model = run_dir.model_dir(j, i)
+                if str(model) not in keep and model.exists():
+                    shutil.rmtree(model)
+    return plan
+
+
+def parents_for(state: RunState, k: int) -> list[Parent | None]:
+    """Round k's parent per candidate (None: train from scratch)."""
+    plan = state.plan
+    if state.search.evaluator != "populationbased" or plan is None or plan.round != k:
+        return [None] * state.search.popsize
+    return list(plan.assignment)

@@ -1,0 +1,110 @@
+"""Check a search's inputs before anything runs, and turn them into plain settings.
+
+Both entry points use this: the CLI (bad input: one line, exit 2, nothing created on
+disk) and the ``autofinetune`` flow itself (a deployment calls the flow directly).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from runtime.gpus import detect_gpus, parse_gpu_list
+from runtime.options import SEED_LIMIT, OptionError, check_all
+from runtime.slots import Slot, make_slots
+from runtime.state import RunOptions, SearchKey
+from tuners import SearchSpace
+
+__all__ = ["SettingsError", "Settings", "resolve_settings", "split_script_and_extras", "fresh_seed"]
+
+_FLAG_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+SettingsError = OptionError  # bad input: one line naming the flag or file and the fix
+
+
+@dataclass(frozen=True)
+class Settings:
+    output_dir: Path
+    space: SearchSpace
+    rounds: int
+    search: SearchKey  # what a resumed run must match (seed None: draw one when the run starts)
+    run: RunOptions  # this invocation's options: script, python, cwd, extras, timeout, retries, ...
+    slots: list[Slot]
+
+
+def split_script_and_extras(words: list[str]) -> tuple[str, list[str]]:
+    """The CLI's free words: ``[SCRIPT] [KEY VALUE ...]``. The first word is the script when
+    it looks like a path (has a '.' or '/', or names a file); SCRIPT defaults to train.py."""
+    if words and ("." in words[0] or "/" in words[0] or os.path.isfile(words[0])):
+        return words[0], words[1:]
+    return "train.py", list(words)
+
+
+def _parse_extras(words: list[str]) -> list[list[str]]:
+    if len(words) % 2:
+        raise SettingsError(
+            f"extra arguments must come in KEY VALUE pairs, got {len(words)} words {words!r}; "
+            "add the missing value (they are forwarded to the script as --KEY=VALUE)")
+    pairs = [[words[j], words[j + 1]] for j in range(0, len(words), 2)]
+    for key, _ in pairs:
+        if not _FLAG_NAME.match(key):
+            raise SettingsError(f"extra argument key {key!r} cannot be a flag name: use letters, "
+                                "digits, '_' or '-' without leading dashes (it becomes --KEY=VALUE)")
+    return pairs
+
+
+def resolve_settings(values: dict | None = None, *, started: datetime | None = None,
+                     **options) -> Settings:
+    """Validate every option (``runtime.options``: a dict and/or keywords); raise SettingsError
+    on the first bad one. Creates nothing on disk.
+
+    Without ``output_dir`` the run dir is ``output_<YYYYmmddHHMMSS>`` of ``started`` (default
+    now) under ``output_root`` (default the working directory), as the original named it.
+    """
+    o = check_all({**(values or {}), **options})
+    cwd_path = Path(o["cwd"] or os.getcwd()).resolve()
+    script_path = cwd_path / o["script"]
+    if not script_path.is_file():
+        raise SettingsError(f"{o['script']}: no such file (looked in {cwd_path}); pass the training "
+                            "script as the first argument, e.g. `python -m flows.autofinetune train.py ...`")
+    space = SearchSpace.from_yaml(cwd_path / o["param_file"])  # SearchSpaceError (a ValueError) names the field
+    interpreter = o["python"] or sys.executable
+    found = shutil.which(interpreter)
+    if found is None:
+        raise SettingsError(f"--python {interpreter!r}: not an executable file or a command on PATH")
+    pairs = _parse_extras(o["extras"])
+
+    gpu = o["gpu"]
+    if gpu is not None and str(gpu).strip() != "":
+        gpus = parse_gpu_list(str(gpu), detect_gpus())  # GpuSelectionError is a ValueError
+    else:
+        detected = detect_gpus()
+        gpus = [str(g.index) for g in detected] if detected else None
+    slots = make_slots(gpus, trials_per_gpu=o["trials_per_gpu"], cpu_slots=o["cpu_slots"])
+
+    if o["output_dir"] and o["output_root"]:
+        raise SettingsError("give either --output-dir (one run) or output_root (a dated run dir "
+                            "under it per run), not both")
+    stamp = f"output_{(started or datetime.now()):%Y%m%d%H%M%S}"
+    out = cwd_path / (o["output_dir"] or Path(o["output_root"] or ".") / stamp)
+    if out.exists() and not out.is_dir():
+        raise SettingsError(f"--output-dir {out}: exists and is not a directory; choose another path")
+    if out.is_dir() and any(p.name != ".stop" for p in out.iterdir()) and not (out / "state.json").is_file():
+        raise SettingsError(f"--output-dir {out}: not empty and not an autofinetune run directory "
+                            "(no state.json); choose a new or empty directory")
+    search = SearchKey(strategy=o["tuning_strategy"], evaluator=o["evaluator"], popsize=o["popsize"],
+                       seed=o["seed"], space=space.to_dict())
+    run = RunOptions(script=str(script_path), python=found, cwd=str(cwd_path), extras=pairs,
+                     trial_timeout=o["trial_timeout"], trial_retries=o["trial_retries"],
+                     pbt_epochs=o["pbt_epochs"], keep_checkpoints=o["keep_checkpoints"],
+                     slots=[{"index": s.index, "gpu": s.gpu, "ordinal": s.ordinal} for s in slots])
+    return Settings(output_dir=out, space=space, rounds=o["rounds"], search=search, run=run, slots=slots)
+
+
+def fresh_seed() -> int:
+    return secrets.randbelow(SEED_LIMIT)
