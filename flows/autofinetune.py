@@ -68,8 +68,8 @@ def autofinetune(script: str = "train.py", param_file: str = "hparam.yaml", gpu:
                  evaluator: str = "populationbased", tuning_strategy: str = "pshe2",
                  seed: int | None = None, trial_timeout: float | None = None,
                  trials_per_gpu: int = 1, cpu_slots: int = 1, python: str | None = None,
-                 extras: list[str] | None = None, trial_retries: int = 0, pbt_epochs: int = 1,
-                 keep_checkpoints: str = "all", cwd: str | None = None,
+                 trial_retries: int = 0, pbt_epochs: int = 1, keep_checkpoints: str = "all",
+                 extras: list[str] | None = None, cwd: str | None = None,
                  output_root: str | None = None) -> dict:
     """Tune ``script``'s hyperparameters over the space in ``param_file``; returns the best.
 

@@ -49,19 +49,18 @@ class _Shape(ValueError):
 
 
 def _fields(cls: type, d: Any, where: str) -> dict[str, Any]:
-    """``d``'s values for ``cls``'s fields; refuses a non-object, missing and unknown keys."""
+    """``d``'s values for ``cls``'s fields; refuses a non-object, missing and unknown keys
+    (every field is written, defaults included, so every field must be there)."""
     if not isinstance(d, dict):
         raise _Shape(f"{where} is {type(d).__name__}, expected an object")
     names = [f.name for f in dataclasses.fields(cls)]
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [n for n in required if n not in d]
+    missing = [n for n in names if n not in d]
     if missing:
         raise _Shape(f"{where} lacks {', '.join(repr(n) for n in missing)}")
     unknown = [k for k in d if k not in names]
     if unknown:
         raise _Shape(f"{where} has unknown field(s) {', '.join(repr(k) for k in unknown)}")
-    return {n: d[n] for n in names if n in d}
+    return {n: d[n] for n in names}
 
 
 def _int(v: Any, where: str, *, low: int = 0, none: bool = False) -> int | None:

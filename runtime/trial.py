@@ -227,6 +227,7 @@ def run_trial(spec: TrialSpec, slot: Slot, *, stop: StopCheck, gpu_sampler: GpuS
             with open(spec.log_path, "ab") as log:
                 log.write(f"\nautofinetune: attempt {len(attempts)} {outcome['outcome']} "
                           f"({outcome.get('error')}); retrying\n".encode())
+    Path(spec.result_path).unlink(missing_ok=True)  # a crash's report never lingers
     record = {
         "round": spec.round, "candidate": spec.candidate, "params": spec.params,
         "score": None, "error": None, **attempts[-1],

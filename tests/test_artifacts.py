@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from flows.autofinetune import main
+from flows.cli import main
 from flows.artifacts import artifact_key_base, best_markdown, round_table
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "lock_dir")

@@ -1,4 +1,5 @@
-"""GPU telemetry: the real no-NVML path in a real search; the sampler against a small fake NVML."""
+"""GPU telemetry: the real no-NVML path in a real search; the start-up watcher and the
+per-trial sampler (which runs with the trial, wherever it runs) against a small fake NVML."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT
-from flows.autofinetune import main
-from watch import gpu_telemetry
-from watch.gpu_telemetry import GpuTelemetry, busy_warning, gpu_line, interval_from_env, process_name
+from flows.cli import main
+from runtime import gpu_sampling
+from runtime.gpu_sampling import GpuSampler, interval_from_env
+from runtime.slots import Slot
+from runtime.trial import TrialSpec, run_trial
+from watch.gpu_telemetry import GpuTelemetry, busy_warning, gpu_line, process_name
 
 MIB = 1024 * 1024
 
@@ -117,18 +121,16 @@ def test_without_nvml_a_search_on_gpu_slots_says_one_line_and_runs(toy, monkeypa
         assert record["outcome"] == "ok" and record["gpu"] == "0" and "gpu_samples" not in record
 
 
-def test_without_nvml_the_watcher_is_inert():
+def test_without_nvml_the_watcher_and_the_sampler_are_inert():
     if nvml_works():
         pytest.skip("NVML works on this machine")
     said = []
     telemetry = GpuTelemetry(say=said.append)  # the real pynvml
     started(telemetry, gpu_slots("0", "1"))
-    telemetry.trial_started(0, 0, {"index": 0, "gpu": "0"}, {})
-    record = {"round": 0, "candidate": 0}
-    telemetry.trial_finished(record)
-    telemetry.close()
+    with GpuSampler("0", interval_s=0.01) as sampler:
+        time.sleep(0.05)
     assert len(said) == 1 and said[0].startswith("GPU telemetry off: NVML not available (")
-    assert record == {"round": 0, "candidate": 0} and not telemetry.enabled
+    assert not sampler.sampled and sampler.samples == [] and sampler.error is None
 
 
 # -- pure parts -----------------------------------------------------------------------------
@@ -157,16 +159,20 @@ def test_process_name_reads_proc(tmp_path):
     assert "sleep" in process_name(os.getpid()) or "python" in process_name(os.getpid())
 
 
-def test_interval_from_env(monkeypatch):
-    monkeypatch.delenv(gpu_telemetry.INTERVAL_ENV, raising=False)
+def test_interval_from_env_and_a_bad_one_is_said_at_start(monkeypatch):
+    monkeypatch.delenv(gpu_sampling.INTERVAL_ENV, raising=False)
     assert interval_from_env() == 2.0
-    monkeypatch.setenv(gpu_telemetry.INTERVAL_ENV, "0.5")
+    monkeypatch.setenv(gpu_sampling.INTERVAL_ENV, "0.5")
     assert interval_from_env() == 0.5
     for bad in ("-1", "soon", "inf", "0"):
-        monkeypatch.setenv(gpu_telemetry.INTERVAL_ENV, bad)
+        monkeypatch.setenv(gpu_sampling.INTERVAL_ENV, bad)
         assert interval_from_env() == 2.0
+    said = []
+    started(GpuTelemetry(nvml=FakeNvml(), say=said.append), gpu_slots("0"))
+    assert said[0] == ("ignoring AUTOFINETUNE_GPU_SAMPLE_S='0': expected a positive number of seconds; "
+                       "sampling every 2s")
     with pytest.raises(ValueError, match="interval_s=0"):
-        GpuTelemetry(interval_s=0)
+        GpuSampler("0", interval_s=0)
 
 
 # -- the watcher over a fake NVML -----------------------------------------------------------
@@ -180,9 +186,8 @@ def test_start_lists_gpus_and_warns_about_other_programs(tmp_path):
         nvml = FakeNvml(processes={1: [(sleeper.pid, 900 * MIB), (os.getpid(), 5 * MIB),
                                        (999_999_999, None)]})
         said = []
-        telemetry = GpuTelemetry(nvml=nvml, say=said.append, interval_s=3600)
+        telemetry = GpuTelemetry(nvml=nvml, say=said.append)
         started(telemetry, gpu_slots("0", "1", "0"))
-        telemetry.close()
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -194,104 +199,72 @@ def test_start_lists_gpus_and_warns_about_other_programs(tmp_path):
     assert len(said) == 3 and nvml.inits == nvml.shutdowns == 1
 
 
-def test_samples_land_in_the_record_of_each_gpu_trial():
-    nvml, clock, said = FakeNvml(), FakeClock(), []
-    nvml.utilization[0] = [10, 95, 97]
-    telemetry = GpuTelemetry(nvml=nvml, say=said.append, clock=clock, interval_s=3600)
-    started(telemetry, gpu_slots("0", "1") + [{"index": 2, "gpu": None, "ordinal": 0}])
-    telemetry.trial_started(0, 0, {"index": 0, "gpu": "0"}, {})
-    telemetry.trial_started(0, 1, {"index": 2, "gpu": None}, {})  # a CPU slot: nothing to sample
-    for used in (100, 2000, 2100):
-        clock.now += 2
-        nvml.used[0] = used * MIB
-        telemetry.sample_now()
-    telemetry.trial_started(0, 2, {"index": 1, "gpu": "1"}, {})
-    clock.now += 2.5
-    telemetry.sample_now()
-    gpu_record, cpu_record, late = ({"round": 0, "candidate": i} for i in range(3))
-    telemetry.trial_finished(gpu_record)
-    telemetry.trial_finished(cpu_record)
-    telemetry.trial_finished(late)
-    telemetry.close()
-    assert gpu_record["gpu_samples"] == [
-        {"t": 2.0, "utilization": 10, "memory_used_mib": 100},
-        {"t": 4.0, "utilization": 95, "memory_used_mib": 2000},
-        {"t": 6.0, "utilization": 97, "memory_used_mib": 2100},
-        {"t": 8.5, "utilization": 97, "memory_used_mib": 2100}]
-    assert "gpu_samples" not in cpu_record
-    assert late["gpu_samples"] == [{"t": 2.5, "utilization": 50, "memory_used_mib": 1024}]
-    json.dumps(gpu_record)  # lands in trial-<i>.json as is
+def test_a_real_trial_on_a_gpu_slot_records_its_samples(tmp_path):
+    """run_trial samples the slot's GPU while the child runs (here on a fake NVML) and puts
+    the series into the record; the sampler thread is gone afterwards."""
+    nvml = FakeNvml()
+    nvml.utilization[1] = [10, 95, 97]
+    script = tmp_path / "train.py"
+    script.write_text("import os, time\ntime.sleep(0.5)\n"
+                      "open(os.environ['AUTOFINETUNE_RESULT_FILE'], 'w').write('0.5')\n")
+    spec = TrialSpec(round=0, candidate=0, params={}, flags=[], python=sys.executable, script=str(script),
+                     cwd=str(tmp_path), saved_params_dir=str(tmp_path / "model"),
+                     log_path=str(tmp_path / "log"), result_path=str(tmp_path / "result"),
+                     pid_path=str(tmp_path / "pid"))
+    record = run_trial(spec, Slot(index=0, gpu="1"), stop=threading.Event(),
+                       gpu_sampler=GpuSampler("1", interval_s=0.05, nvml=nvml))
+    assert record["outcome"] == "ok" and record["gpu"] == "1"
+    samples = record["gpu_samples"]
+    assert len(samples) >= 3 and [s["utilization"] for s in samples[:3]] == [10, 95, 97]
+    assert all(s["memory_used_mib"] == 1024 for s in samples)
+    assert [s["t"] for s in samples] == sorted(s["t"] for s in samples) and samples[-1]["t"] < 5
+    assert nvml.inits == nvml.shutdowns == 1 and "gpu_sampling_error" not in record
+    assert not any(t.name.startswith("autofinetune-gpu") for t in threading.enumerate())
 
 
 def test_a_long_trial_keeps_a_bounded_thinned_series(monkeypatch):
-    monkeypatch.setattr(gpu_telemetry, "MAX_SAMPLES", 4)
-    nvml, clock = FakeNvml(), FakeClock()
-    telemetry = GpuTelemetry(nvml=nvml, say=lambda line: None, clock=clock, interval_s=3600)
-    started(telemetry, gpu_slots("0"))
-    telemetry.trial_started(0, 0, {"index": 0, "gpu": "0"}, {})
+    monkeypatch.setattr(gpu_sampling, "MAX_SAMPLES", 4)
+    clock = FakeClock()
+    sampler = GpuSampler("0", nvml=FakeNvml(), clock=clock, interval_s=3600).start()
     for _ in range(20):
         clock.now += 1
-        telemetry.sample_now()
-    record = {"round": 0, "candidate": 0}
-    telemetry.trial_finished(record)
-    telemetry.close()
-    times = [s["t"] for s in record["gpu_samples"]]
+        sampler.sample_now()
+    sampler.stop()
+    times = [s["t"] for s in sampler.samples]
     assert 2 <= len(times) < 4 and times == sorted(times) and times[0] == 1.0
     assert times[-1] >= 16  # the series still reaches the end of the trial
 
 
-def test_a_failing_gpu_is_reported_once_and_others_go_on():
-    nvml, said = FakeNvml(), []
-    telemetry = GpuTelemetry(nvml=nvml, say=said.append, interval_s=3600)
-    started(telemetry, gpu_slots("0", "1"))
-    telemetry.trial_started(0, 0, {"index": 0, "gpu": "0"}, {})
-    telemetry.trial_started(0, 1, {"index": 1, "gpu": "1"}, {})
+def test_a_failing_gpu_stops_its_sampler_and_says_why_in_the_record():
+    nvml = FakeNvml()
+    good = GpuSampler("0", nvml=nvml, interval_s=3600).start()
+    bad = GpuSampler("1", nvml=nvml, interval_s=3600).start()
     nvml.broken.add(1)
     for _ in range(3):
-        telemetry.sample_now()
-    records = [{"round": 0, "candidate": i} for i in range(2)]
-    for record in records:
-        telemetry.trial_finished(record)
-    telemetry.close()
-    assert [line for line in said if "sampling GPU 1 failed" in line] == [
-        "GPU telemetry: sampling GPU 1 failed (GPU is lost); skipping it"]
-    assert len(records[0]["gpu_samples"]) == 3 and records[1]["gpu_samples"] == []
+        good.sample_now()
+        bad.sample_now()
+    good.stop()
+    bad.stop()
+    assert len(good.samples) == 3 and bad.samples == []
+    assert bad.error == "sampling GPU 1 failed (GPU is lost); stopped sampling it"
+    assert GpuSampler("7", nvml=nvml).start().error == "GPU 7 cannot be read through NVML (Invalid Argument)"
+    assert nvml.inits == nvml.shutdowns == 3
 
 
 def test_nvml_init_failure_is_one_info_line():
     said = []
     telemetry = GpuTelemetry(nvml=FakeNvml(fail_init="Driver Not Loaded"), say=said.append)
     started(telemetry, gpu_slots("0"))
-    telemetry.trial_started(0, 0, {"index": 0, "gpu": "0"}, {})
-    telemetry.close()
     assert said == ["GPU telemetry off: NVML not available (Driver Not Loaded)"]
+    sampler = GpuSampler("0", nvml=FakeNvml(fail_init="Driver Not Loaded")).start()
+    sampler.stop()
+    assert not sampler.sampled and sampler.error is None  # no NVML: a normal machine
 
     said.clear()
     nvml = FakeNvml()
     telemetry = GpuTelemetry(nvml=nvml, say=said.append)
     started(telemetry, gpu_slots(None))
-    telemetry.close()
     assert said == ["GPU telemetry off: the trials run on CPU slots"] and nvml.shutdowns == 1
-
-
-def test_the_sampler_thread_samples_and_stops_cleanly():
-    nvml = FakeNvml()
-    telemetry = GpuTelemetry(nvml=nvml, say=lambda line: None, interval_s=0.01)
-    started(telemetry, gpu_slots("0"))
-    telemetry.trial_started(0, 0, {"index": 0, "gpu": "0"}, {})
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with telemetry._lock:
-            if len(telemetry._running[(0, 0)]["samples"]) >= 3:
-                break
-        time.sleep(0.01)
-    record = {"round": 0, "candidate": 0}
-    telemetry.trial_finished(record)
-    thread = telemetry._thread
-    telemetry.close()
-    assert len(record["gpu_samples"]) >= 3
-    assert not thread.is_alive() and nvml.shutdowns == 1
-    assert not any(t.name == "autofinetune-gpu-telemetry" for t in threading.enumerate())
 
 
 # -- bench/gpu_check.py ---------------------------------------------------------------------

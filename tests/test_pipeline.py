@@ -11,7 +11,7 @@ from collections import defaultdict
 import pytest
 
 from conftest import ROOT, pid_alive
-from flows.autofinetune import main
+from flows.cli import main
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "lock_dir")
 

@@ -18,7 +18,7 @@ import pytest
 from rich.console import Console
 
 from conftest import ROOT
-from flows.autofinetune import main
+from flows.cli import main
 from watch.progress import ProgressDisplay, format_duration
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

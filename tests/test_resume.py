@@ -109,7 +109,7 @@ def test_external_sigkill_mid_round_reaps_orphans_and_resumes(work, prefect_serv
         time.sleep(0.02)
     proc.kill()
     finish(proc)
-    orphans = [int(p.read_text().split()[0]) for p in (work / "run").glob("round*/.pid-*")]
+    orphans = [json.loads(p.read_text())["pid"] for p in (work / "run").glob("round*/.pid-*")]
     assert any(pid_alive(p) for p in orphans)  # the kill left trials running
     code, log = run_cli(work, prefect_server, "run", "sleep", "3")
     assert code == 0, log[-3000:]

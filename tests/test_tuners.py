@@ -9,14 +9,15 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 from cmaes import CatCMAwM, CMAwM
 
 from tuners import (
-    TUNER_NAMES, ChoiceParam, FloatParam, HAZeroConfig, IntParam, PSHE2Config, SearchSpace,
-    TunerStateError, TunerStateVersionError, make_tuner,
+    TUNER_NAMES, TUNER_STATE_VERSION, ChoiceParam, FloatParam, HAZeroConfig, IntParam, PSHE2Config,
+    SearchSpace, TunerStateError, TunerStateVersionError, make_tuner,
 )
 
 MIXED = SearchSpace.from_dict({"param_list": [
@@ -274,7 +275,8 @@ def test_state_is_strict_json_at_any_time(tuner_name):
     for _ in range(4):
         state = tuner.state_dict()
         assert json.loads(json.dumps(state, allow_nan=False)) == state
-        assert state["version"] == 1 and state["tuner"] == tuner_name and state["space"] == MIXED.to_dict()
+        assert state["version"] == TUNER_STATE_VERSION == 1
+        assert state["tuner"] == tuner_name and state["space"] == MIXED.to_dict()
         candidates = tuner.ask()
         assert tuner.state_dict()["pending"] == candidates
         tuner.tell([objective(c) for c in candidates])
@@ -317,9 +319,13 @@ def test_corrupt_or_mismatched_state_is_refused_and_changes_nothing(tuner_name):
          r"another search space: param_list\[2\] \(batch_size\) is .*'lower_than': 128.* in the state, "
          r".*'lower_than': 64.* here"),
         (_break(state, ["space", "param_list"], []), r"corrupt .* tuner state: .*param_list is empty"),
-        (_break(state, ["config"], {"nonsense": 1}), r"corrupt .* tuner state: TypeError"),
+        (_break(state, ["config"], {"nonsense": 1}),
+         r"corrupt tuner state: missing keys .* in the state's config"),
+        (_break(state, ["config"], None), r"corrupt .* tuner state: config=None is not a mapping"),
         (_break(state, ["rng"], delete=True), r"corrupt tuner state: missing key 'rng'"),
-        (_break(state, ["rng"], {"bit_generator": "PCG64"}), r"corrupt .* tuner state"),
+        (_break(state, ["rng"], {"bit_generator": "PCG64"}),
+         r"corrupt tuner state: missing keys 'state', 'has_uint32', 'uinteger' in the state's rng"),
+        (_break(state, ["rng", "bit_generator"], "MT19937"), r"corrupt .* tuner state: ValueError"),
         (_break(state, ["rounds_told"], -1), r"rounds_told=-1 must be an int >= 0"),
         (_break(state, ["pending"], [{"lr": 5.0}] * 4), r"corrupt .* tuner state"),
         (_break(state, ["best"], {"params": {}, "score": 1.0}), r"corrupt .* tuner state"),
@@ -329,7 +335,7 @@ def test_corrupt_or_mismatched_state_is_refused_and_changes_nothing(tuner_name):
     if tuner_name == "hazero":
         cases += [
             (_break(state, ["algorithm", "optimizer", "cat_cma_with_margin", "_mean"], delete=True),
-             r"does not fit cmaes .*attributes \['_mean'\] differ"),
+             r"does not fit cmaes [\d.]+: attributes missing \['CatCMAwM._mean'\], unexpected \[\]"),
             (_break(state, ["algorithm", "optimizer", "rng", "state", "key"], [1, 2]),
              r"corrupt hazero tuner state"),
             (_break(state, ["algorithm", "pending_x"], [[0.0] * 5] * 3), r"3 pending samples for popsize 4"),
@@ -347,6 +353,82 @@ def test_corrupt_or_mismatched_state_is_refused_and_changes_nothing(tuner_name):
         with pytest.raises(TunerStateError, match=message):
             tuner.load_state_dict(bad)
         assert dumps(tuner) == before
+
+
+# the optimizer sections of HAZero's state that map cmaes attribute names, and whose they are
+_ATTRIBUTE_SECTIONS = {"cma_with_margin": "CMAwM", "cma": "CMA", "cat_cma_with_margin": "CatCMAwM"}
+
+
+def _mapping_sections(state) -> list[list]:
+    """Paths of every mapping of fixed keys in ``state``: each must hold exactly its keys."""
+    paths = [[], ["config"], ["rng"], ["rng", "state"], ["best"], ["algorithm"]]
+    if state["tuner"] == "hazero":
+        optimizer = ["algorithm", "optimizer"]
+        paths += [optimizer, optimizer + ["rng"], optimizer + ["rng", "state"], ["algorithm", "generation", 0]]
+        paths += [optimizer + [key] for key in state["algorithm"]["optimizer"] if key in _ATTRIBUTE_SECTIONS]
+    return paths
+
+
+def _state_with_everything(tuner_name, space):
+    """A tuner whose state has a best, a half-told generation (HAZero: popsize 2 < 4) and a pending round."""
+    tuner = make_tuner(tuner_name, space, popsize=2, seed=0)
+    drive(tuner, 3, f=_score_on(space))
+    tuner.ask()
+    state = json.loads(dumps(tuner))
+    assert state["best"] is not None and state["pending"] is not None
+    if tuner_name == "hazero":
+        assert len(state["algorithm"]["generation"]) == 2
+    return tuner, state
+
+
+def _get_path(state, path):
+    for key in path:
+        state = state[key]
+    return state
+
+
+@pytest.mark.parametrize("space", [NUMERIC, MIXED], ids=["cmawm", "catcmawm"])
+def test_state_with_an_unknown_key_is_refused_naming_it(tuner_name, space):
+    # an unknown key was ignored before (and the optimizer restored by __dict__.update)
+    tuner, state = _state_with_everything(tuner_name, space)
+    before = dumps(tuner)
+    sections = _mapping_sections(state)
+    assert ["algorithm"] in sections
+    for path in sections:
+        owner = _ATTRIBUTE_SECTIONS.get(path[-1]) if path else None
+        key = "_surplus" if owner else "surplus"
+        bad = _break(state, path + [key], 0)
+        message = (rf"attributes missing \[\], unexpected \['{owner}\.{key}'\]" if owner
+                   else rf"corrupt tuner state: unknown key '{key}' in ")
+        with pytest.raises(TunerStateError, match=message):
+            tuner.load_state_dict(bad)
+        assert dumps(tuner) == before, path
+
+
+@pytest.mark.parametrize("space", [NUMERIC, MIXED], ids=["cmawm", "catcmawm"])
+def test_state_missing_a_key_is_refused_naming_it(tuner_name, space):
+    # a missing config key used to take the default; every key of every section is required
+    tuner, state = _state_with_everything(tuner_name, space)
+    before = dumps(tuner)
+    tried = 0
+    for path in _mapping_sections(state):
+        owner = _ATTRIBUTE_SECTIONS.get(path[-1]) if path else None
+        for key in _get_path(state, path):
+            bad = _break(state, path + [key], delete=True)
+            if owner:
+                message = rf"attributes missing \['{owner}\.{re.escape(key)}'\], unexpected \[\]"
+            elif key in ("version", "layout_version"):  # no version: a state of another version
+                message = rf"{key} None cannot be read"
+            else:
+                message = rf"corrupt tuner state: missing key '{key}'"
+            with pytest.raises(TunerStateError, match=message):
+                tuner.load_state_dict(bad)
+            assert dumps(tuner) == before, (path, key)
+            tried += 1
+    assert tried >= len(state) + len(state["algorithm"])
+    copy_ = make_tuner(tuner_name, space, popsize=2, seed=1)
+    copy_.load_state_dict(state)  # the whole state still loads
+    assert dumps(copy_) == before
 
 
 def test_config_mismatch_is_refused():
@@ -445,8 +527,8 @@ def test_hazero_one_hyperparameter_converges():
 def test_hazero_tells_failures_as_worse_than_every_score(monkeypatch):
     tuner = make_tuner("hazero", ONE, popsize=5, seed=0)
     told = []
-    real_tell = tuner._optimizer.tell
-    monkeypatch.setattr(tuner._optimizer, "tell", lambda solutions: (told.append(list(solutions)),
+    real_tell = tuner._backend.optimizer.tell
+    monkeypatch.setattr(tuner._backend.optimizer, "tell", lambda solutions: (told.append(list(solutions)),
                                                                        real_tell(solutions)))
     tuner.ask()
     tuner.tell([-3.0, None, -1.0, None, -7.5])
@@ -459,10 +541,10 @@ def test_hazero_tells_failures_as_worse_than_every_score(monkeypatch):
 def test_hazero_all_failed_generation_leaves_the_distribution(monkeypatch):
     tuner = make_tuner("hazero", ONE, popsize=5, seed=0)
     drive(tuner, 2, f=lambda c: -(c["x"] - 0.3) ** 2)
-    mean = tuner._optimizer.mean.copy()
+    mean = tuner._backend.optimizer.mean.copy()
     tuner.ask()
     tuner.tell([None] * 5)
-    np.testing.assert_array_equal(tuner._optimizer.mean, mean)
+    np.testing.assert_array_equal(tuner._backend.optimizer.mean, mean)
     assert tuner.restarts == 0
     tuner.ask()
     tuner.tell([None] * 5)  # restart_failed_generations=2 in a row: start afresh
@@ -498,13 +580,13 @@ def test_hazero_generation_spans_rounds_below_popsize_4(popsize, generation, spa
     tuner = make_tuner("hazero", space, popsize=popsize, seed=0)
     assert tuner.generation_size == generation
     drive(tuner, generation // popsize, f=lambda c: -c["x"] ** 2)
-    assert tuner._optimizer.generation == 1
+    assert tuner._backend.optimizer.generation == 1
 
 
 def test_hazero_searches_choices_categorically_and_the_rest_as_before():
-    assert isinstance(make_tuner("hazero", NUMERIC, popsize=4, seed=0)._optimizer, CMAwM)
+    assert isinstance(make_tuner("hazero", NUMERIC, popsize=4, seed=0)._backend.optimizer, CMAwM)
     for space in (MIXED, TRAP, ONLY_CHOICE):
-        assert isinstance(make_tuner("hazero", space, popsize=4, seed=0)._optimizer, CatCMAwM)
+        assert isinstance(make_tuner("hazero", space, popsize=4, seed=0)._backend.optimizer, CatCMAwM)
 
 
 @pytest.mark.parametrize("space", [NUMERIC, MIXED], ids=lambda s: s.source)

@@ -219,7 +219,7 @@ def test_a_half_written_round_is_cut_and_a_missed_round_is_caught_up(tmp_path):
 # -- real searches --------------------------------------------------------------------------
 
 def run_search(toy, monkeypatch, *args: str) -> int:
-    from flows.autofinetune import main
+    from flows.cli import main
 
     monkeypatch.chdir(toy)
     return main(["train.py", "--param-file", "hparam.yaml", "--popsize", "3", "--cpu-slots", "3",

@@ -1,6 +1,7 @@
 """Pure search logic: the search space (hparam.yaml) and the ask/tell tuners.
 
 numpy and the `cmaes` library only: no Prefect, no files (but reading hparam.yaml), no clock.
+cmaes (and the scipy that its package imports) is loaded by the first HAZero, not by ``import tuners``.
 
     from tuners import SearchSpace, make_tuner
     space = SearchSpace.from_yaml("hparam.yaml")

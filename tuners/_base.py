@@ -40,7 +40,7 @@ from tuners.space import SearchSpace, SearchSpaceError
 
 __all__ = ["TUNER_STATE_VERSION", "Tuner", "TunerStateError", "TunerStateVersionError"]
 
-# The layout of Tuner.state_dict() (not the run state of tasks/search.py, which has its own version).
+# The layout of Tuner.state_dict() (not the run state, runtime/state.py, which has RUN_STATE_VERSION).
 TUNER_STATE_VERSION = 1
 # The keys of a tuner state, all required.
 _STATE_KEYS = ("version", "tuner", "popsize", "seed", "space", "config", "rng", "rounds_told", "best",
@@ -309,7 +309,7 @@ class Tuner(abc.ABC):
 
     @abc.abstractmethod
     def _restore_algorithm_state(self, records: Any) -> None:
-        """Set the records that ``_parse_algorithm_state`` returned (called only once all of the state checked)."""
+        """Set the records ``_parse_algorithm_state`` returned (called once the whole state has checked)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,8 +339,8 @@ def _check_keys(d: Any, expected: Sequence[str], where: str) -> None:
         raise TunerStateError(f"corrupt tuner state: missing key{s} {', '.join(map(repr, missing))} in {where}")
     if unknown:
         s = "s" if len(unknown) > 1 else ""
-        raise TunerStateError(f"corrupt tuner state: unknown key{s} {', '.join(map(repr, unknown))} in {where}, "
-                              f"which holds exactly: {', '.join(expected)}")
+        raise TunerStateError(f"corrupt tuner state: unknown key{s} {', '.join(map(repr, unknown))} "
+                              f"in {where}, which holds exactly: {', '.join(expected)}")
 
 
 def _get(d: Any, key: str) -> Any:

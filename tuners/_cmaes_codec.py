@@ -5,9 +5,11 @@ its whole state (a pickle would drop its RNG). This codec writes those attribute
 as JSON, keeping each numpy value's dtype, so that an optimizer loaded from the JSON samples
 and updates bit-identically to the one saved.
 
-Which private attributes it reads and writes (checked for cmaes 0.13.0 and 0.13.1; the
-project pins ``cmaes>=0.13,<0.14``, and ``tests/test_tuners_cmaes_layout.py`` fails by name
-when another version lays them out differently):
+Which private attributes it reads and writes, for cmaes 0.13.1 (the version pinned; 0.13.0
+already laid CMAwM out differently: ``z_space``, ``z_lim`` where 0.13.1 has
+``_discrete_space_low``, ``_discrete_space_size``, ``_discrete_space_step``, so even a patch
+release can move them; ``tests/test_tuners_cmaes_layout.py`` fails, naming the version and the
+attribute, when the installed cmaes lays them out otherwise):
 
 - ``CMAwM``: every instance attribute but ``_cma``; of the inner ``CMA`` in ``_cma``, every
   instance attribute but ``_rng``; and ``_cma._rng``, a legacy ``numpy.random.RandomState``
@@ -24,7 +26,7 @@ A state is loaded into a *reference* optimizer that the caller builds for the sa
 and population: the attributes the reference has are exactly the ones the state must hold
 (their set depends on the space, e.g. CMAwM has ``margin`` only with integer axes), so a state
 written by a cmaes with another layout, or a corrupt one, is refused naming the attributes
-missing or unexpected, and nothing is set on the reference unless all of it checks.
+missing or unexpected; the reference is set only once the names, shapes and sizes check.
 
 Values: numpy arrays as ``{"ndarray": dtype, "shape": [...], "data": [...]}``, numpy
 scalars as ``{"numpy": dtype, "value": v}``, lists as ``{"list": [...]}``, non-finite floats
@@ -69,8 +71,8 @@ def dump_cma_with_margin(optimizer: Any) -> dict[str, Any]:
 def load_cma_with_margin(reference: Any, d: Any, *, n_dim: int, popsize: int) -> Any:
     """``reference`` (a CMAwM built for the same space and λ) set to the state ``d``; returned.
 
-    Raises TunerStateError for another attribute layout, ValueError or KeyError for a corrupt
-    state; ``reference`` is then partly set and must be dropped.
+    Raises TunerStateError for another attribute layout or a missing or unknown key, ValueError
+    or KeyError for a corrupt value; ``reference`` is then to be dropped.
     """
     _check_keys(d, ("cma_with_margin", "cma", "rng"), "the CMA-ES state")
     wm = {k: _decode(v) for k, v in _mapping(_get(d, "cma_with_margin"), "cma_with_margin").items()}
@@ -135,8 +137,7 @@ def _check_layout(what: str, parts: dict[str, tuple[dict[str, Any], set[str]]]) 
     if missing or unexpected:
         raise TunerStateError(
             f"the {what} state does not fit cmaes {CMAES_VERSION or '?'}: attributes missing {missing}, "
-            f"unexpected {unexpected}; it was written by another cmaes version (this one reads "
-            "cmaes>=0.13,<0.14), or it is corrupt")
+            f"unexpected {unexpected}; it was written by another cmaes version, or it is corrupt")
 
 
 def _set_attributes(obj: Any, attrs: dict[str, Any]) -> None:

@@ -16,6 +16,13 @@ optimizer (:class:`Backend` is their interface, :func:`backend_for` picks one fo
 
 Both speak in points of the box [-1, 1]^n, one coordinate per parameter of the space.
 
+cmaes has no public σ, C or reset; besides what ``tuners/_cmaes_codec.py`` saves, the adapters
+read ``CMAwM._cma._sigma``, ``._cma._C`` and ``CatCMAwM._sigma``, ``._C`` (convergence), zero
+``_funhist_values`` (allocated with np.empty), read a CatCMAwM sample's ``_v_raw`` and build
+``CatCMAwM.Solution(c=..., _v_raw=...)`` to tell it, and override
+``CatCMAwM._calc_continuous_penalty`` (reading ``_iqhist_values``, ``_popsize``): private names of
+cmaes 0.13.1 that ``tests/test_tuners_cmaes_layout.py`` checks.
+
 This module imports cmaes, and cmaes's package imports scipy: :class:`HAZero` imports this
 module when the first HAZero is made, so ``import tuners`` loads neither.
 """
