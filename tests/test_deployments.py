@@ -28,6 +28,10 @@ import yaml
 
 from conftest import ROOT, SCRIPTS, pid_alive
 
+# Real servers, workers and heartbeat windows: slow, and kept on one xdist worker (their
+# module fixture deploys once).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deployments")]
+
 PREFECT = str(Path(sys.executable).parent / "prefect")
 SPEC = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][0]
 POOL = SPEC["work_pool"]["name"]

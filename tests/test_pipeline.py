@@ -216,6 +216,7 @@ def test_bad_files_are_clear_errors(toy, monkeypatch, capsys):
     assert [p.name for p in (toy / "notarun").iterdir()] == ["precious.txt"]
 
 
+@pytest.mark.slow
 def test_cli_subprocess_with_the_embedded_prefect_api(toy, tmp_path):
     """The command a user types, in a fresh process with its own ephemeral Prefect API."""
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"))

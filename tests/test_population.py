@@ -108,15 +108,15 @@ def test_population_based_children_continue_from_the_best_half(toy, monkeypatch)
 
 
 @pytest.mark.usefixtures("prefect_api", "lock_dir")
-@pytest.mark.parametrize("args, epochs", [
-    (["--pbt-epochs", "3"], ["--epochs=3"]),
-    (["--pbt-epochs", "0"], []),
-    (["epochs", "5"], ["--epochs=5"]),  # a forwarded epochs extra wins, as in the original
-])
-def test_epochs_of_continued_trials(toy, monkeypatch, args, epochs):
-    assert run_pbt(toy, monkeypatch, "--round", "2", *args) == 0
-    for r in load_trials(toy / "out", rounds=2)[1]:
-        assert [a for a in r["argv"] if a.startswith("--epochs")] == epochs
+def test_continued_trials_receive_the_pbt_epochs(toy, monkeypatch):
+    """End to end once; every --pbt-epochs / epochs-extra case is a unit test of trial_spec
+    (tests/test_runtime.py)."""
+    assert run_pbt(toy, monkeypatch, "--round", "2", "--pbt-epochs", "3") == 0
+    rounds = load_trials(toy / "out", rounds=2)
+    assert all(not any(a.startswith("--epochs") for a in r["argv"]) for r in rounds[0])
+    for r in rounds[1]:
+        assert [a for a in r["argv"] if a.startswith("--epochs")] == ["--epochs=3"]
+        assert "epochs=3" in (toy / "out" / "round1" / f"log-{r['candidate']}.info").read_text()
 
 
 @pytest.mark.usefixtures("prefect_api", "lock_dir")

@@ -282,6 +282,7 @@ def test_live_panel_survives_a_narrow_terminal_and_a_dead_one():
     assert sys.stdout is stdout_before
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("lock_dir")
 def test_cli_under_a_pty_draws_the_panel_and_keeps_the_round_lines(toy, prefect_server):
     """The real command in a real terminal: the panel, the flow's lines and Prefect's log."""

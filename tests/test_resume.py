@@ -19,6 +19,8 @@ import pytest
 
 from conftest import ROOT, pid_alive
 
+pytestmark = pytest.mark.slow  # real CLI processes killed and resumed
+
 POPSIZE, ROUNDS = 4, 3
 ARGS = ["--popsize", str(POPSIZE), "--round", str(ROUNDS), "--cpu-slots", "2", "--seed", "11",
         "--evaluator", "populationbased", "--tuning-strategy", "pshe2"]

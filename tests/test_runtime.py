@@ -395,3 +395,19 @@ def test_train_candidate_runs_in_a_fresh_process_without_any_flow_set_up(toy, pr
     assert record["outcome"] == "ok" and record["params"] == {"x": 0.25, "n": 3}
     assert record["score"] == pytest.approx(-(0.25 - 0.3) ** 2 - (3 - 4) ** 2 / 100 + 0.01)
     assert json.loads(run_dir.trial_path(0, 1).read_text()) == record
+
+
+def test_help_and_bad_input_answer_without_importing_prefect(toy):
+    code = ("import sys\nfrom flows.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "print('codes', main(['nope.py']), main(['train.py', '--popsize', '0']))\n"
+            "assert 'prefect' not in sys.modules and 'scipy' not in sys.modules, sorted(sys.modules)\n")
+    done = subprocess.run([PY, "-c", code], cwd=toy, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage: python -m flows.autofinetune" in done.stdout and "codes 2 2" in done.stdout
+    assert done.stderr.splitlines() == [
+        f"autofinetune: error: nope.py: no such file (looked in {toy}); pass the training script as the "
+        "first argument, e.g. `python -m flows.autofinetune train.py ...`",
+        "autofinetune: error: --popsize must be an integer >= 1, got 0"]
+    assert not any(p.name.startswith("output_") for p in toy.iterdir())
