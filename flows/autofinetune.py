@@ -26,6 +26,7 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import signals
 from flows.artifacts import PrefectArtifacts
 from flows.ephemeral_server import reap_stale_server, record_ephemeral_server
 from flows.search_round import search_round
@@ -78,6 +79,7 @@ def autofinetune(script: str = "train.py", param_file: str = "hparam.yaml", gpu:
     ``output_root`` (for scheduled runs): each run writes ``output_<YYYYmmddHHMMSS>`` under
     it, dated by the flow run's schedule slot, so a retry of that run resumes the same dir.
     """
+    signals.reassert()  # the CLI's Ctrl-C/SIGTERM handler, over the one Prefect just installed
     settings = resolve_settings(dict(locals()), started=_run_created())
     run_dir = RunDir(settings.output_dir)
     run_dir.path.mkdir(parents=True, exist_ok=True)

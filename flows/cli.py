@@ -19,6 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
+from flows import signals
 from runtime.options import add_arguments
 from runtime.rundir import RunDir, RunDirBusy, StopMarker
 from runtime.search import SearchInterrupted, check_resume
@@ -108,12 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
     handler = _StopHandler(run_dir.stop)
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = signals.register(handler)
     try:
+        from prefect.exceptions import TerminationSignal
+
         from flows.autofinetune import autofinetune
 
         _start_embedded_api()
-        summary = autofinetune(**args)
+        try:
+            summary = autofinetune(**args)
+        except TerminationSignal:  # a SIGTERM while Prefect's own handler was in force
+            handler.requested = True
+            run_dir.stop.set()
+            raise SearchInterrupted("stopped by SIGTERM") from None
     except SearchInterrupted:
         print(f"autofinetune: stopped; state is saved in {settings.output_dir}. Re-run the same "
               f"command with --output-dir {settings.output_dir} to resume.", file=sys.stderr, flush=True)
@@ -121,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RunDirBusy) as exc:  # e.g. a run dir taken between the check and the start
         return _error(exc)
     finally:
-        for sig, handler_before in previous.items():
-            signal.signal(sig, handler_before)
+        signals.unregister(previous)
         if handler.requested:
             run_dir.stop.clear()  # the stop is served; a re-run resumes
     return 0 if summary["best_score"] is not None else 1

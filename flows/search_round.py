@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows import signals
 from runtime.rundir import RunDir, trial_rank_key
 from runtime.search import SearchInterrupted, finished_trial, parents_for
 from runtime.trial import crash_warning, read_pid_file
@@ -87,6 +88,7 @@ def _gather(run_dir: RunDir, k: int, futures: list, candidates: list[dict], watc
 def search_round(output_dir: str, k: int, names: list[str], placement: Any, watchers: Any) -> list[dict]:
     """Round k. ``placement`` hands out slots (``runtime.slots.Placement``); ``watchers`` is
     the search's ``watch.watchers.Watchers``; both live in the flow's process."""
+    signals.reassert()  # the CLI's Ctrl-C/SIGTERM handler, over the one Prefect just installed
     run_dir = RunDir(output_dir)
     candidates = propose_candidates(output_dir, k)
     parents = parents_for(run_dir.read_state(), k)

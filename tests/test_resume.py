@@ -143,6 +143,27 @@ def test_ctrl_c_stops_cleanly_launches_nothing_more_and_resumes(work, prefect_se
     assert outcome_of(work / "run") == reference
 
 
+def test_sigterm_to_the_cli_alone_stops_like_ctrl_c_and_resumes(work, prefect_server, reference):
+    """systemd, Kubernetes, `timeout` and Slurm send SIGTERM to the main process only; Prefect's
+    flow engine installs its own SIGTERM handler, which must not win over the CLI's stop."""
+    events = work / "events.txt"
+    proc = start_cli(work, prefect_server, "run", "sleep", "60", "events", str(events), new_session=True)
+    deadline = time.monotonic() + 180
+    while (not events.exists() or events.read_text().count("start") < 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    code, log = finish(proc, timeout=60)
+    assert code == 130, log[-3000:]
+    assert time.monotonic() - sent < 20 and "SIGTERM received" in log and "Re-run the same command" in log
+    started = [line.split() for line in events.read_text().splitlines() if line.startswith("start")]
+    assert len(started) == 2 and not any(pid_alive(int(s[2])) for s in started)
+    assert not (work / "run" / ".stop").exists()
+    code, log = run_cli(work, prefect_server, "run")
+    assert code == 0, log[-3000:]
+    assert outcome_of(work / "run") == reference
+
+
 def test_mismatched_resume_is_refused_and_round_can_be_raised(work, prefect_server, reference):
     code, log = run_cli(work, prefect_server, "run")
     assert code == 0
