@@ -17,7 +17,9 @@ if __name__ == "__main__":  # the CLI: answers --help and bad input without impo
 
     sys.exit(main())
 
+import contextlib
 import dataclasses
+import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -28,8 +30,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import signals
 from flows.artifacts import PrefectArtifacts
+from flows.dask_runner import dask_trials
 from flows.ephemeral_server import reap_stale_server, record_ephemeral_server
-from flows.search_round import search_round
+from flows.search_round import WATCHERS, search_round
 from runtime.rundir import RunDir
 from runtime.search import SearchInterrupted, check_resume, new_state, record_best
 from runtime.settings import Settings, fresh_seed, resolve_settings
@@ -70,6 +73,7 @@ def autofinetune(script: str = "train.py", param_file: str = "hparam.yaml", gpu:
                  seed: int | None = None, trial_timeout: float | None = None,
                  trials_per_gpu: int = 1, cpu_slots: int = 1, python: str | None = None,
                  trial_retries: int = 0, pbt_epochs: int = 1, keep_checkpoints: str = "all",
+                 dask_address: str | None = None, dask_local: int | None = None,
                  extras: list[str] | None = None, cwd: str | None = None,
                  output_root: str | None = None) -> dict:
     """Tune ``script``'s hyperparameters over the space in ``param_file``; returns the best.
@@ -82,16 +86,22 @@ def autofinetune(script: str = "train.py", param_file: str = "hparam.yaml", gpu:
     signals.reassert()  # the CLI's Ctrl-C/SIGTERM handler, over the one Prefect just installed
     settings = resolve_settings(dict(locals()), started=_run_created())
     run_dir = RunDir(settings.output_dir)
+    created = not run_dir.state_path.exists()
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    with run_dir.lock():  # a second live search on this dir is refused
-        run_dir.stop.clear_stale()
-        watchers = Watchers(build_watchers(run_dir, settings))
-        try:
-            best = _run_search(run_dir, settings, watchers)
-            summary = _final_summary(run_dir, list(settings.space.names), best)
-            watchers.notify("search_finished", summary)
-        finally:
-            watchers.close()
+    try:
+        with run_dir.lock():  # a second live search on this dir is refused
+            run_dir.stop.clear_stale()
+            watchers = Watchers(build_watchers(run_dir, settings))
+            try:
+                best = _run_search(run_dir, settings, watchers)
+                summary = _final_summary(run_dir, list(settings.space.names), best)
+                watchers.notify("search_finished", summary)
+            finally:
+                watchers.close()
+    except BaseException:  # e.g. a cluster refused: a search that never started leaves nothing
+        if created and not run_dir.state_path.exists():
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+        raise
     return summary
 
 
@@ -108,41 +118,63 @@ def build_watchers(run_dir: RunDir, settings: Settings) -> list:
             *([progress] if progress else [])]
 
 
+@contextlib.contextmanager
+def _trial_runner(run_dir: RunDir, settings: Settings):
+    """``(task_runner, placement, slots, dask_client)``: threads on this host's slots, or Dask."""
+    if settings.cluster is None:
+        yield (ThreadPoolTaskRunner(max_workers=len(settings.slots)), SlotPool(settings.slots),
+               settings.run.slots, None)
+        return
+    with dask_trials(settings.cluster, run_dir, settings.run.script,
+                     trials_per_gpu=settings.trials_per_gpu) as trials:
+        yield trials
+
+
 def _run_search(run_dir: RunDir, settings: Settings, watchers: Watchers) -> dict | None:
     # A search killed with SIGKILL leaves its trials and its ephemeral Prefect server
     # running; stop them before anything else touches the run dir.
     reap_stale_server(run_dir.path / ".prefect-server")
     reap_orphans(run_dir.pid_files())
     record_ephemeral_server(run_dir.path / ".prefect-server")
-    state = run_dir.read_state()
-    if state is None:
-        search = settings.search
-        if search.seed is None:
-            search = dataclasses.replace(search, seed=fresh_seed())
-        state = new_state(search, settings.rounds, settings.run)
-    else:
-        check_resume(state, settings.search, run_dir.state_path)
-        print(f"Resuming the search in {run_dir.path} at round {state.next_round}.", flush=True)
-        state.rounds, state.run = settings.rounds, settings.run  # --round may extend a search
-    run_dir.write_state(state)
-    names = list(settings.space.names)
-    out = str(run_dir.path)
-    on_disk = run_dir.trials()
-    watchers.notify("search_started", {
-        "output_dir": out, "names": names, "rounds": settings.rounds,
-        "popsize": state.search.popsize, "next_round": state.next_round,
-        "slots": state.run.slots, "resumed": state.next_round > 0 or bool(on_disk),
-        "trials": on_disk})
-    placement = SlotPool(settings.slots)
-    # Finish what a killed run left half done: best_model/, log_file.txt, the next plan.
-    record_best(run_dir, names, final=False)
-    if state.next_round > 0:
-        plan_parents_and_prune(out, state.next_round - 1)
-    runner = ThreadPoolTaskRunner(max_workers=len(settings.slots))
-    for k in range(state.next_round, settings.rounds):
-        if run_dir.stop.is_set():
-            raise SearchInterrupted(f"stopped before round {k}")
-        search_round.with_options(task_runner=runner)(out, k, names, placement, watchers)
+    with _trial_runner(run_dir, settings) as (runner, placement, slots, client):
+        run = dataclasses.replace(settings.run, slots=slots)
+        state = run_dir.read_state()
+        if state is None:
+            search = settings.search
+            if search.seed is None:
+                search = dataclasses.replace(search, seed=fresh_seed())
+            state = new_state(search, settings.rounds, run)
+        else:
+            check_resume(state, settings.search, run_dir.state_path)
+            print(f"Resuming the search in {run_dir.path} at round {state.next_round}.", flush=True)
+            state.rounds, state.run = settings.rounds, run  # --round may extend a search
+        run_dir.write_state(state)
+        names = list(settings.space.names)
+        out = str(run_dir.path)
+        on_disk = run_dir.trials()
+        watchers.notify("search_started", {
+            "output_dir": out, "names": names, "rounds": settings.rounds,
+            "popsize": state.search.popsize, "next_round": state.next_round,
+            "slots": state.run.slots, "resumed": state.next_round > 0 or bool(on_disk),
+            "trials": on_disk})
+        # Finish what a killed run left half done: best_model/, log_file.txt, the next plan.
+        record_best(run_dir, names, final=False)
+        if state.next_round > 0:
+            plan_parents_and_prune(out, state.next_round - 1)
+        for k in range(state.next_round, settings.rounds):
+            if run_dir.stop.is_set():
+                raise SearchInterrupted(f"stopped before round {k}")
+            try:
+                token = WATCHERS.set(watchers)
+                try:
+                    search_round.with_options(task_runner=runner)(out, k, names, placement)
+                finally:
+                    WATCHERS.reset(token)
+            except Exception:
+                if client is not None and client.status != "running":
+                    run_dir.stop.set()  # whatever still runs on the workers stops
+                    raise SearchInterrupted(f"the Dask scheduler went away during round {k}") from None
+                raise
     return record_best(run_dir, names, final=True)
 
 

@@ -10,6 +10,8 @@ returns), so the tasks themselves never touch a watcher.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import queue
 from typing import Any
 
@@ -23,7 +25,7 @@ from tasks.steps import (plan_parents_and_prune, propose_candidates, tell_tuner,
                          update_best_model)
 from watch.watchers import Watchers
 
-__all__ = ["search_round", "round_summary"]
+__all__ = ["search_round", "round_summary", "WATCHERS"]
 
 _POLL_S = 0.25  # how often the round looks for trials that started
 
@@ -66,8 +68,8 @@ def _gather(run_dir: RunDir, k: int, futures: list, candidates: list[dict], watc
             info = read_pid_file(path)
             if i not in started and info is not None and i < len(futures):
                 started.add(i)
-                watchers.notify("trial_started", k, i, {"index": info.get("slot"), "gpu": info.get("gpu")},
-                                candidates[i])
+                watchers.notify("trial_started", k, i, {"index": info.get("slot"), "gpu": info.get("gpu"),
+                                                        "worker": info.get("worker")}, candidates[i])
         for i in finished:
             left -= 1
             record = futures[i].result()
@@ -76,25 +78,48 @@ def _gather(run_dir: RunDir, k: int, futures: list, candidates: list[dict], watc
                 continue
             if i not in started and "slot" in record:  # too quick to be seen running
                 started.add(i)
-                watchers.notify("trial_started", k, i, {"index": record["slot"], "gpu": record["gpu"]},
-                                candidates[i])
+                watchers.notify("trial_started", k, i, {"index": record["slot"], "gpu": record["gpu"],
+                                                        "worker": record.get("worker")}, candidates[i])
             if record["outcome"] not in ("ok", "interrupted"):
                 print(crash_warning(record), flush=True)
             watchers.notify("trial_finished", record)
     return records
 
 
+def _asking_for(resources: dict | None):
+    """Dask resources each trial needs (GPU=1/K or slot=1), as a ``dask.annotate`` context."""
+    if not resources:
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources=resources)
+
+
+# The search's watchers, set by the top flow for its rounds. Not a subflow parameter: Prefect
+# ships a flow run's parameters, and the flow itself (pickled by value, with the globals its
+# body names), with every task it submits to Dask; the watchers (terminal, VisualDL writers)
+# stay in this process. The body reaches them through a module function, which pickles by name.
+WATCHERS: contextvars.ContextVar[Watchers] = contextvars.ContextVar("autofinetune_watchers",
+                                                                    default=Watchers())
+
+
+def current_watchers() -> Watchers:
+    return WATCHERS.get()
+
+
 @flow(name="search_round", flow_run_name="round-{k}")
-def search_round(output_dir: str, k: int, names: list[str], placement: Any, watchers: Any) -> list[dict]:
-    """Round k. ``placement`` hands out slots (``runtime.slots.Placement``); ``watchers`` is
-    the search's ``watch.watchers.Watchers``; both live in the flow's process."""
-    signals.reassert()  # the CLI's Ctrl-C/SIGTERM handler, over the one Prefect just installed
+def search_round(output_dir: str, k: int, names: list[str], placement: Any) -> list[dict]:
+    """Round k. ``placement`` hands out slots (``runtime.slots.Placement``: the flow process's
+    slot pool, or a Dask worker's GPU); the watchers are the caller's ``WATCHERS``."""
+    signals.reassert()
+    watchers = current_watchers()  # the CLI's Ctrl-C/SIGTERM handler, over the one Prefect just installed
     run_dir = RunDir(output_dir)
     candidates = propose_candidates(output_dir, k)
     parents = parents_for(run_dir.read_state(), k)
-    futures = [train_candidate.with_options(task_run_name=f"train-r{k}-c{i}")
-               .submit(output_dir, k, i, params, parents[i], placement)
-               for i, params in enumerate(candidates)]
+    with _asking_for(getattr(placement, "resources", None)):
+        futures = [train_candidate.with_options(task_run_name=f"train-r{k}-c{i}")
+                   .submit(output_dir, k, i, params, parents[i], placement)
+                   for i, params in enumerate(candidates)]
     records = _gather(run_dir, k, futures, candidates, watchers)
     if run_dir.stop.is_set() or any(r["outcome"] == "interrupted" for r in records):
         raise SearchInterrupted(f"stopped during round {k}")

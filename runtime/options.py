@@ -12,6 +12,7 @@ flag and the fix.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -82,6 +83,20 @@ def _optional_text(value: Any, flag: str) -> str | None:
     return value if value else None
 
 
+def _dask_address(value: Any, flag: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not re.match(r"^(tcp|tls|ucx)://[^\s/]+:\d+$", value):
+        raise OptionError(f"{flag} {value!r} is not a Dask scheduler address; give it as "
+                          "tcp://HOST:PORT (or tls://...), as `dask scheduler` prints it")
+    return value
+
+
+def _optional_int_at_least(low: int) -> Callable[[Any, str], int | None]:
+    check = _int_at_least(low)
+    return lambda value, flag: None if value is None else check(value, flag)
+
+
 def _extras(value: Any, flag: str) -> list[str]:
     if value is None:
         return []
@@ -124,6 +139,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("keep_checkpoints", ("--keep-checkpoints",), "all",
            f"{' | '.join(KEEP_CHECKPOINTS)}: 'needed' deletes model dirs that are neither a live parent "
            "nor best_model (default all, as the original)", check=_one_of(KEEP_CHECKPOINTS)),
+    Option("dask_address", ("--dask-address",), None,
+           "run the trials on the Dask cluster whose scheduler is at tcp://HOST:PORT, one trial per "
+           "worker GPU (or per 'slot' resource, or per worker thread)", metavar="ADDR", check=_dask_address),
+    Option("dask_local", ("--dask-local",), None,
+           "run the trials on a local Dask cluster of N single-thread worker processes (127.0.0.1)",
+           int, "N", _optional_int_at_least(1)),
     Option("extras", (), None, "KEY VALUE words forwarded to every trial as --KEY=VALUE "
            "(CLI: the words after SCRIPT)", check=_extras),
     Option("cwd", (), None, "directory the script, param file and output dir are relative to "

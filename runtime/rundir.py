@@ -131,6 +131,10 @@ class RunDir:
         """``<pid> <start time>`` of trial i's running process group (removed when it ends)."""
         return self.round_dir(k) / f".pid-{i}"
 
+    def lost_path(self, k: int, i: int) -> Path:
+        """JSON list of trial i's attempts whose Dask worker died under them."""
+        return self.round_dir(k) / f".lost-{i}"
+
     def pid_files(self) -> list[Path]:
         return sorted(self.path.glob("round*/.pid-*"))
 

@@ -16,7 +16,8 @@ from runtime.population import plan_parents
 from runtime.rundir import RunDir, trial_rank_key
 from runtime.state import BestTrial, Parent, ParentPlan, RunOptions, RunState, SearchKey
 from runtime.slots import Placement, SlotWaitInterrupted
-from runtime.trial import FINAL_OUTCOMES, TrialSpec, crash_warning, log_tail, run_trial
+from runtime.atomic_files import read_json, write_json_atomic
+from runtime.trial import FINAL_OUTCOMES, TrialSpec, crash_warning, log_tail, reap_one, run_trial
 from tuners import SearchSpace, make_tuner
 
 __all__ = ["SearchMismatchError", "SearchInterrupted", "new_state", "check_resume", "propose",
@@ -130,17 +131,29 @@ def run_candidate(run_dir: RunDir, k: int, i: int, params: dict, parent: Parent 
         logger.info("already finished in an earlier run: %s, score %s", done["outcome"], done["score"])
         return done
     spec = trial_spec(run_dir, run_dir.read_state(), k, i, params, parent)
-    stop = run_dir.stop
-    try:
-        with placement.acquire(stop) as slot:
-            logger.info("running on %s: %s", slot.describe(), " ".join(f"--{n}={v}" for n, v in spec.flags))
-            if parent is not None:
-                logger.info("continues from parent checkpoint %s", parent.name)
-            record = run_trial(spec, slot, stop=stop)
-    except SlotWaitInterrupted:
-        return {"round": k, "candidate": i, "params": params, "outcome": "interrupted",
-                "score": None, "error": "stopped before launch"}
+    lost = _worker_losses(run_dir, k, i, logger)
+    if len(lost) > max(1, spec.retries):  # a lost worker is retried at least once
+        record = {"round": k, "candidate": i, "params": params, "score": None, "outcome": "worker_lost",
+                  "error": f"its Dask worker died {len(lost)} times ({', '.join(l['worker'] or '?' for l in lost)})",
+                  "exit_code": None, "attempts": len(lost), "retried_after": ["worker_lost"] * (len(lost) - 1),
+                  "saved_params_dir": spec.saved_params_dir, "model_path": spec.model_path,
+                  "parent": spec.parent, "log": spec.log_path}
+    else:
+        stop = run_dir.stop
+        try:
+            with placement.acquire(stop) as slot:
+                logger.info("running on %s: %s", slot.describe(), " ".join(f"--{n}={v}" for n, v in spec.flags))
+                if parent is not None:
+                    logger.info("continues from parent checkpoint %s", parent.name)
+                record = run_trial(spec, slot, stop=stop)
+        except SlotWaitInterrupted:
+            return {"round": k, "candidate": i, "params": params, "outcome": "interrupted",
+                    "score": None, "error": "stopped before launch"}
+        if lost:
+            record["attempts"] += len(lost)
+            record["retried_after"] = ["worker_lost"] * len(lost) + record["retried_after"]
     run_dir.write_trial(record)
+    run_dir.lost_path(k, i).unlink(missing_ok=True)
     kill_point("trial_recorded")
     tail = log_tail(spec.log_path)
     if record["outcome"] == "ok":
@@ -150,6 +163,26 @@ def run_candidate(run_dir: RunDir, k: int, i: int, params: dict, parent: Parent 
     if record.get("gpu_sampling_error"):
         logger.warning("GPU telemetry: %s", record["gpu_sampling_error"])
     return record
+
+
+def _worker_losses(run_dir: RunDir, k: int, i: int, logger) -> list[dict]:
+    """The attempts of trial (k, i) whose Dask worker died under them, this one included.
+
+    A pid file still there when the trial's task starts means an earlier attempt of this
+    very task was running when its worker went away (the scheduler then runs the task on
+    another worker); a search's start reaps every other pid file. Its process group is
+    killed when it runs on this host, so it cannot write into the model dir the re-run
+    uses.
+    """
+    lost = read_json(run_dir.lost_path(k, i)) or []
+    pid_path = run_dir.pid_path(k, i)
+    if pid_path.exists():
+        info = reap_one(pid_path) or {}
+        lost.append({"worker": info.get("worker"), "host": info.get("host")})
+        write_json_atomic(run_dir.lost_path(k, i), lost)
+        logger.warning("the worker %s running this trial was lost; running it again (attempt %d)",
+                       info.get("worker"), len(lost) + 1)
+    return lost
 
 
 def tell_round(run_dir: RunDir, k: int, records: list[dict]) -> list[dict]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from runtime.cluster import DaskCluster
 from runtime.gpus import detect_gpus, parse_gpu_list
 from runtime.options import SEED_LIMIT, OptionError, check_all
 from runtime.slots import Slot, make_slots
@@ -34,7 +35,9 @@ class Settings:
     rounds: int
     search: SearchKey  # what a resumed run must match (seed None: draw one when the run starts)
     run: RunOptions  # this invocation's options: script, python, cwd, extras, timeout, retries, ...
-    slots: list[Slot]
+    slots: list[Slot]  # local slots; empty when the trials run on a Dask cluster
+    cluster: DaskCluster | None = None  # --dask-address / --dask-local
+    trials_per_gpu: int = 1
 
 
 def split_script_and_extras(words: list[str]) -> tuple[str, list[str]]:
@@ -80,12 +83,22 @@ def resolve_settings(values: dict | None = None, *, started: datetime | None = N
     pairs = _parse_extras(o["extras"])
 
     gpu = o["gpu"]
-    if gpu is not None and str(gpu).strip() != "":
+    cluster = None
+    if o["dask_address"] and o["dask_local"]:
+        raise SettingsError("give either --dask-address (an existing cluster) or --dask-local N, not both")
+    if o["dask_address"] or o["dask_local"]:
+        if gpu is not None and str(gpu).strip() != "":
+            raise SettingsError("--gpu picks this host's GPUs; with --dask-address/--dask-local each trial "
+                                "uses its worker's CUDA_VISIBLE_DEVICES: drop --gpu")
+        cluster = DaskCluster(address=o["dask_address"], local_workers=o["dask_local"])
+        slots = []
+    elif gpu is not None and str(gpu).strip() != "":
         gpus = parse_gpu_list(str(gpu), detect_gpus())  # GpuSelectionError is a ValueError
+        slots = make_slots(gpus, trials_per_gpu=o["trials_per_gpu"], cpu_slots=o["cpu_slots"])
     else:
         detected = detect_gpus()
         gpus = [str(g.index) for g in detected] if detected else None
-    slots = make_slots(gpus, trials_per_gpu=o["trials_per_gpu"], cpu_slots=o["cpu_slots"])
+        slots = make_slots(gpus, trials_per_gpu=o["trials_per_gpu"], cpu_slots=o["cpu_slots"])
 
     if o["output_dir"] and o["output_root"]:
         raise SettingsError("give either --output-dir (one run) or output_root (a dated run dir "
@@ -94,7 +107,8 @@ def resolve_settings(values: dict | None = None, *, started: datetime | None = N
     out = cwd_path / (o["output_dir"] or Path(o["output_root"] or ".") / stamp)
     if out.exists() and not out.is_dir():
         raise SettingsError(f"--output-dir {out}: exists and is not a directory; choose another path")
-    if out.is_dir() and any(p.name != ".stop" for p in out.iterdir()) and not (out / "state.json").is_file():
+    ours = {".stop", ".lock", ".prefect-server"}  # what a run that failed to start may leave
+    if out.is_dir() and any(p.name not in ours for p in out.iterdir()) and not (out / "state.json").is_file():
         raise SettingsError(f"--output-dir {out}: not empty and not an autofinetune run directory "
                             "(no state.json); choose a new or empty directory")
     search = SearchKey(strategy=o["tuning_strategy"], evaluator=o["evaluator"], popsize=o["popsize"],
@@ -103,7 +117,8 @@ def resolve_settings(values: dict | None = None, *, started: datetime | None = N
                      trial_timeout=o["trial_timeout"], trial_retries=o["trial_retries"],
                      pbt_epochs=o["pbt_epochs"], keep_checkpoints=o["keep_checkpoints"],
                      slots=[{"index": s.index, "gpu": s.gpu, "ordinal": s.ordinal} for s in slots])
-    return Settings(output_dir=out, space=space, rounds=o["rounds"], search=search, run=run, slots=slots)
+    return Settings(output_dir=out, space=space, rounds=o["rounds"], search=search, run=run, slots=slots,
+                    cluster=cluster, trials_per_gpu=o["trials_per_gpu"])
 
 
 def fresh_seed() -> int:

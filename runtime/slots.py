@@ -39,13 +39,22 @@ class Slot:
     index: int  # position in the pool, 0-based
     gpu: str | None  # GPU id given to the trial as CUDA_VISIBLE_DEVICES; None = CPU slot
     ordinal: int = 0  # which of the GPU's --trials-per-gpu places this is
+    worker: str | None = None  # the Dask worker's address; None: a thread of the flow's process
 
     @property
     def cuda_visible_devices(self) -> str:
         return "" if self.gpu is None else self.gpu
 
+    @property
+    def lock_name(self) -> str:
+        """The per-GPU lock file's name (a worker's list "1,2,0" locks its first GPU)."""
+        return f"gpu-{self.gpu.split(',')[0]}.{self.ordinal}.lock"
+
     def describe(self) -> str:
-        return f"cpu-slot {self.index}" if self.gpu is None else f"gpu {self.gpu} (place {self.ordinal})"
+        where = f"cpu-slot {self.index}" if self.gpu is None else f"gpu {self.gpu} (place {self.ordinal})"
+        if self.worker is not None:
+            where = (f"worker {self.worker}" if self.gpu is None else f"gpu {self.gpu}") + f" of {self.worker}"
+        return where
 
 
 class StopCheck(Protocol):
@@ -97,7 +106,7 @@ class SlotPool:
         self._lock_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(PermissionError):
             os.chmod(self._lock_dir, 0o1777)  # shared by every user's searches on the host
-        path = self._lock_dir / f"gpu-{slot.gpu}.{slot.ordinal}.lock"
+        path = self._lock_dir / slot.lock_name
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

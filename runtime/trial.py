@@ -15,6 +15,8 @@ Outcomes (``trial-<i>.json`` field ``outcome``):
   invalid_score  reported something that is not a finite number
   timeout        ran past --trial-timeout; its whole process group was killed
   failed_to_start  the interpreter or script could not be executed
+  worker_lost    the Dask worker running it died (process killed, node lost) more often
+                 than retries allow (``--trial-retries``, at least 1 for this kind)
   interrupted    the search was stopped while it ran, or before it started (not final:
                  a resumed search runs it again)
 Only ``killed`` and ``failed_to_start`` are retried (``--trial-retries``): an error exit or
@@ -40,10 +42,10 @@ from runtime.gpu_sampling import GpuSampler
 from runtime.slots import Slot, StopCheck
 
 __all__ = ["TrialSpec", "build_argv", "run_trial", "FINAL_OUTCOMES", "RETRYABLE_OUTCOMES",
-           "crash_warning", "log_tail", "reap_orphans", "read_pid_file", "process_start_time"]
+           "crash_warning", "log_tail", "reap_orphans", "reap_one", "read_pid_file", "process_start_time"]
 
 FINAL_OUTCOMES = frozenset({"ok", "crashed", "killed", "no_result", "invalid_score", "timeout",
-                            "failed_to_start"})
+                            "failed_to_start", "worker_lost"})
 RETRYABLE_OUTCOMES = frozenset({"killed", "failed_to_start"})
 _TERM_GRACE_S = 5.0  # between SIGTERM and SIGKILL of a trial's process group
 _POLL_S = 0.05  # how often a running trial checks its deadline and the stop flag
@@ -110,6 +112,17 @@ def read_pid_file(path: Path) -> dict | None:
     return info
 
 
+def reap_one(path: Path) -> dict | None:
+    """Kill the process group a pid file names if it runs on this host; remove the file.
+    Returns what the file said (None when unreadable)."""
+    info = read_pid_file(path)
+    if info is not None and info.get("host", socket.gethostname()) == socket.gethostname() \
+            and process_start_time(int(info["pid"])) == str(info["start"]):
+        _kill_group(int(info["pid"]), signal.SIGKILL)
+    Path(path).unlink(missing_ok=True)
+    return info
+
+
 def reap_orphans(pid_files: list[Path]) -> list[int]:
     """Kill the process groups of trials whose search was SIGKILLed (their pid files remain).
 
@@ -168,7 +181,8 @@ def _run_once(spec: TrialSpec, slot: Slot, stop: StopCheck) -> dict:
             return {"outcome": "failed_to_start", "exit_code": None, "error": str(exc)}
     pid_path = Path(spec.pid_path)
     pid_path.write_text(json.dumps({"pid": proc.pid, "start": process_start_time(proc.pid),
-                                    "host": socket.gethostname(), "slot": slot.index, "gpu": slot.gpu}) + "\n")
+                                    "host": socket.gethostname(), "slot": slot.index, "gpu": slot.gpu,
+                                    "worker": slot.worker}) + "\n")
     deadline = None if spec.timeout_s is None else time.monotonic() + spec.timeout_s
     why_killed = None
     while True:
@@ -237,7 +251,7 @@ def run_trial(spec: TrialSpec, slot: Slot, *, stop: StopCheck, gpu_sampler: GpuS
         "started_at": started, "ended_at": _now(), "duration_s": round(time.monotonic() - t0, 3),
         "saved_params_dir": spec.saved_params_dir, "model_path": spec.model_path,
         "parent": spec.parent, "log": spec.log_path, "argv": build_argv(spec),
-        "host": socket.gethostname(),
+        "host": socket.gethostname(), "worker": slot.worker,
     }
     if sampler.sampled:
         record["gpu_samples"] = sampler.samples

@@ -17,7 +17,7 @@ from cmaes import CatCMAwM, CMAwM
 
 from tuners import (
     TUNER_NAMES, TUNER_STATE_VERSION, ChoiceParam, FloatParam, HAZeroConfig, IntParam, PSHE2Config,
-    SearchSpace, TunerStateError, TunerStateVersionError, make_tuner,
+    SearchSpace, TPEConfig, TunerStateError, TunerStateVersionError, make_tuner,
 )
 
 MIXED = SearchSpace.from_dict({"param_list": [
@@ -341,12 +341,21 @@ def test_corrupt_or_mismatched_state_is_refused_and_changes_nothing(tuner_name):
             (_break(state, ["algorithm", "pending_x"], [[0.0] * 5] * 3), r"3 pending samples for popsize 4"),
             (_break(state, ["pending"], None), r"pending candidates and their CMA-ES samples disagree"),
         ]
-    else:
+    elif tuner_name == "pshe2":
         cases += [
             (_break(state, ["algorithm", "positions"], [[2.0] * 5] * 4), r"positions leaves the box"),
             (_break(state, ["algorithm", "momenta"], [[0.0] * 5] * 3), r"momenta has shape \(3, 5\)"),
             (_break(state, ["algorithm", "global_best_score"], None),
              r"global best position and score disagree"),
+        ]
+    else:
+        trial = state["algorithm"]["trials"][0]
+        cases += [
+            (_break(state, ["algorithm", "trials"], state["algorithm"]["trials"][:-1]),
+             r"11 told trials is not a whole number of rounds of 4"),
+            (_break(state, ["algorithm", "trials", 0], dict(trial, score="high")), r"score='high' must be"),
+            (_break(state, ["algorithm", "trials", 0, "params", "batch_size"], 65), r"batch_size: 65 is outside"),
+            (_break(state, ["algorithm", "trials"], None), r"trials must be a list"),
         ]
     before = dumps(tuner)
     for bad, message in cases:
@@ -366,13 +375,15 @@ def _mapping_sections(state) -> list[list]:
         optimizer = ["algorithm", "optimizer"]
         paths += [optimizer, optimizer + ["rng"], optimizer + ["rng", "state"], ["algorithm", "generation", 0]]
         paths += [optimizer + [key] for key in state["algorithm"]["optimizer"] if key in _ATTRIBUTE_SECTIONS]
+    if state["tuner"] == "tpe":
+        paths += [["algorithm", "trials", 0]]
     return paths
 
 
 def _state_with_everything(tuner_name, space):
     """A tuner whose state has a best, a half-told generation (HAZero: popsize 2 < 4) and a pending round."""
     tuner = make_tuner(tuner_name, space, popsize=2, seed=0)
-    drive(tuner, 3, f=_score_on(space))
+    drive(tuner, 4, f=_score_on(space))  # HAZero: round 0, a generation, half a generation
     tuner.ask()
     state = json.loads(dumps(tuner))
     assert state["best"] is not None and state["pending"] is not None
@@ -439,10 +450,11 @@ def test_config_mismatch_is_refused():
 
 
 def test_make_tuner_names_and_arguments():
-    assert TUNER_NAMES == ("hazero", "pshe2")
+    assert TUNER_NAMES == ("hazero", "pshe2", "tpe")
     assert make_tuner("HAZero", ONE, popsize=2, seed=0).name == "hazero"
     assert make_tuner("PSHE2", ONE, popsize=2, seed=0).name == "pshe2"
-    with pytest.raises(ValueError, match=r"unknown tuner 'cma'; choose one of: hazero, pshe2"):
+    assert make_tuner(" TPE", ONE, popsize=2, seed=0).name == "tpe"
+    with pytest.raises(ValueError, match=r"unknown tuner 'cma'; choose one of: hazero, pshe2, tpe"):
         make_tuner("cma", ONE, popsize=2)
     for popsize in (0, -1, True, 2.0, None):
         with pytest.raises(ValueError, match=rf"popsize must be an int >= 1, got popsize={popsize!r}"):
@@ -455,6 +467,8 @@ def test_make_tuner_names_and_arguments():
         HAZeroConfig(sigma=0.0)
     with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\], got epsilon=1.5"):
         PSHE2Config(epsilon=1.5)
+    with pytest.raises(ValueError, match=r"n_startup_trials must be an int >= 1, got n_startup_trials=0"):
+        TPEConfig(n_startup_trials=0)
 
 
 # --- PSHE2 ---------------------------------------------------------------------------------
@@ -526,6 +540,7 @@ def test_hazero_one_hyperparameter_converges():
 
 def test_hazero_tells_failures_as_worse_than_every_score(monkeypatch):
     tuner = make_tuner("hazero", ONE, popsize=5, seed=0)
+    drive(tuner, 1, f=lambda c: -c["x"] ** 2)  # round 0: the start design, not told to CMA-ES
     told = []
     real_tell = tuner._backend.optimizer.tell
     monkeypatch.setattr(tuner._backend.optimizer, "tell", lambda solutions: (told.append(list(solutions)),
@@ -570,7 +585,8 @@ def test_hazero_restarts_after_convergence_and_keeps_the_best():
 def test_hazero_restarts_on_a_flat_score():
     tuner = make_tuner("hazero", ONE, popsize=4, seed=0)
     asked = drive(tuner, 3, f=lambda c: 1.0)
-    assert tuner.restarts == 1  # restart_flat_generations=3 with identical scores
+    # round 0 ties: CMA-ES starts at a random point; each tied generation after it restarts
+    assert tuner.restarts == 2  # restart_flat_generations=1 with identical scores
     assert drive(tuner, 1, f=lambda c: 1.0)[0] != asked[-1]
 
 
@@ -579,7 +595,7 @@ def test_hazero_restarts_on_a_flat_score():
 def test_hazero_generation_spans_rounds_below_popsize_4(popsize, generation, space):
     tuner = make_tuner("hazero", space, popsize=popsize, seed=0)
     assert tuner.generation_size == generation
-    drive(tuner, generation // popsize, f=lambda c: -c["x"] ** 2)
+    drive(tuner, 1 + generation // popsize, f=lambda c: -c["x"] ** 2)  # round 0 is the start design
     assert tuner._backend.optimizer.generation == 1
 
 
@@ -593,11 +609,11 @@ def test_hazero_searches_choices_categorically_and_the_rest_as_before():
 def test_hazero_state_of_another_layout_is_refused(space):
     tuner = make_tuner("hazero", space, popsize=4, seed=0)
     state = tuner.state_dict()
-    assert state["algorithm"]["layout_version"] == 2
+    assert state["algorithm"]["layout_version"] == 3
     for bad in (_break(state, ["algorithm", "layout_version"], delete=True),  # layout 1 had none
-                _break(state, ["algorithm", "layout_version"], 3)):
+                _break(state, ["algorithm", "layout_version"], 2)):  # 2: CMA-ES started at init
         layout = bad["algorithm"].get("layout_version")
-        message = rf"hazero state layout_version {layout!r} cannot be read .* reads layout_version 2"
+        message = rf"hazero state layout_version {layout!r} cannot be read .* reads layout_version 3"
         with pytest.raises(TunerStateVersionError, match=message):
             make_tuner("hazero", space, popsize=4, seed=0).load_state_dict(bad)
 
@@ -606,12 +622,12 @@ def test_hazero_state_of_another_layout_is_refused(space):
 def test_hazero_with_choices_restarts_and_the_restart_survives_a_round_trip(space):
     tuner = make_tuner("hazero", space, popsize=4, seed=0)
     asked = drive(tuner, 3, f=lambda c: 1.0)
-    assert tuner.restarts == 1  # flat scores
+    assert tuner.restarts >= 1  # flat scores
     copy_ = restored(tuner)
     assert drive(copy_, 4, f=_score_on(space)) == drive(tuner, 4, f=_score_on(space))
     assert asked[-1] != drive(tuner, 1, f=lambda c: 1.0)[0]
     tuner = make_tuner("hazero", space, popsize=4, seed=0)
-    drive(tuner, 2, f=_score_on(space), fail={0, 1, 2, 3})
+    drive(tuner, 3, f=_score_on(space), fail={0, 1, 2, 3})  # round 0, then two generations
     assert tuner.restarts == 1  # restart_failed_generations=2 all-failed generations
     assert tuner.best == (None, None)
 

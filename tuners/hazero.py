@@ -36,9 +36,22 @@ Departures from the original, each for a defect or a gap:
   records the candidates' choices at their bin centres. The two optimizers sit behind one
   interface (``tuners/_hazero_backends.py``), so this file never asks which one it holds.
 - **The first candidate is the user's init_value, exactly** (``space.init_params()``), so the
-  result is never worse than the starting point. CMA-ES is told the init point's normalized
-  vector with its score: a legal sample (it simply lies at the mean), so the update stays
-  a proper CMA-ES update.
+  result is never worse than the starting point.
+- **A robust start: round 0 is a space-filling design, and CMA-ES starts from its best
+  point.** The original started CMA-ES at the init point with σ₀ = 0.2 and nothing else; from
+  an init_value far from the optimum (a learning rate copied from another model, a bound) that
+  local search walks slowly and a budget of 5×10 ran out before it arrived: worse than random
+  search on an ill-conditioned problem. Here round 0 is the init point plus popsize − 1
+  points of a maximin Latin hypercube over the box (``tuners/_latin_hypercube.py``; McKay et
+  al. 1979, Morris & Mitchell 1995), and CMA-ES starts, with σ₀, at the best point of round 0
+  (the init point on a tie): where init is good nothing changes but one generation, where it
+  is poor the search starts from the best of a coarse scan of the box. This is the "initial
+  design, then local search" scheme of SMAC and of Optuna's samplers (an independent
+  sampler's first trials, then CMA-ES from the best, as ``CmaEsSampler(x0=None)`` does), and
+  the first step of the restart strategies below (IPOP/BIPOP, Hansen 2009, "Benchmarking a
+  BI-population CMA-ES", GECCO) that draw a new start in the box. If round 0's scores all tie
+  (a flat region: training diverged everywhere, chance accuracy), CMA-ES starts at a uniform
+  random point; if they all failed, at the init point.
 - **Failures rank below every real score** (the original scored a crash 0.0, which could win).
   cmaes minimizes f = -score; a failed trial gets f = f_worst + 1 + |f_worst|, strictly worse
   than the worst real score of its generation (all failures tie). A generation in which every
@@ -49,7 +62,9 @@ Departures from the original, each for a defect or a gap:
   the last generations flat within ``restart_tol_fitness``), or after
   ``restart_failed_generations`` all-failed generations in a row, CMA-ES restarts at a random
   point of the box with σ₀ (choices: q uniform again; a space of choices only restarts on
-  flat scores or failures, since the margin keeps q from converging). The population size
+  flat scores or failures, since the margin keeps q from converging). A single generation
+  whose real scores (at least two) all tie already counts as flat (``restart_flat_generations
+  = 1``; it was 3), so a plateau costs one round, not three. The population size
   stays fixed (no IPOP doubling: the pipeline's popsize is the number of GPU slots); the best
   so far is kept.
 - **popsize below 4**: CMA-ES needs λ ≥ 4 for a non-zero rank-μ learning rate; with a smaller
@@ -58,7 +73,8 @@ Departures from the original, each for a defect or a gap:
   drops when pickled), are written to the JSON state (``tuners/_cmaes_codec.py``: which
   private attributes of which cmaes versions), so a restored search continues
   bit-identically. The algorithm state carries ``layout_version`` (2 since choices became
-  categorical); a state of another layout is refused with TunerStateVersionError.
+  categorical, 3 since round 0 is a space-filling design); a state of another layout is
+  refused with TunerStateVersionError.
 
 cmaes (and scipy, which cmaes's package imports) is loaded when the first HAZero is made,
 not by ``import tuners``.
@@ -75,6 +91,7 @@ import numpy as np
 from tuners._base import (
     Tuner, TunerStateVersionError, _check_keys, _get, _int, _matrix, _opt_float,
 )
+from tuners._latin_hypercube import maximin_latin_hypercube
 
 if TYPE_CHECKING:
     from tuners._hazero_backends import Backend
@@ -83,8 +100,9 @@ __all__ = ["HAZero", "HAZeroConfig"]
 
 # The smallest CMA-ES population: with λ < 4, cmaes's rank-μ learning rate is 0 (μ_eff = 1).
 _MIN_GENERATION_SIZE = 4
-# The layout of the algorithm state; 2: spaces with a choice run CatCMAwM (1 had no field).
-_LAYOUT_VERSION = 2
+# The layout of the algorithm state; 2: spaces with a choice run CatCMAwM (1 had no field);
+# 3: round 0 is the init point and a Latin hypercube, CMA-ES starts at its best point.
+_LAYOUT_VERSION = 3
 # The keys of HAZero's algorithm state (layout 2), all required.
 _ALGORITHM_KEYS = ("layout_version", "cmaes_version", "generation_size", "optimizer", "generation",
                    "pending_x", "restarts", "recent_ranges", "failed_generations")
@@ -98,7 +116,7 @@ class HAZeroConfig:
     mean_inset: float = 0.1  # start/restart means stay this far inside the box: fewer samples past a bound
     restart_tol_sigma: float = 1e-3  # restart when σ·sqrt(C_ii) < this on every axis (converged)
     restart_tol_fitness: float = 1e-12  # ...or when the last generations' scores all lie within this (flat)
-    restart_flat_generations: int = 3  # how many generations the flatness test looks back
+    restart_flat_generations: int = 1  # how many generations (of >= 2 real scores) the flatness test looks back
     restart_failed_generations: int = 2  # ...or after this many generations in a row where every trial failed
 
     def __post_init__(self) -> None:
@@ -167,20 +185,26 @@ class HAZero(Tuner):
     # -- ask / tell ---------------------------------------------------------------------------
 
     def _propose(self) -> list[dict[str, Any]]:
+        if self._rounds_told == 0:
+            # round 0: the init point, exactly, and a maximin Latin hypercube over the box
+            x0 = self._space.init_vector()
+            design = maximin_latin_hypercube(self._rng, self._popsize - 1, self._space.dim, avoid=x0)
+            self._pending_x = [x0, *(np.array(x, dtype=np.float64) for x in design)]
+            return [self._space.init_params(), *(self._space.denormalize(x) for x in design)]
         candidates, told = [], []
-        for i in range(self._popsize):
-            if self._rounds_told == 0 and i == 0:
-                x_eval = x_tell = self._space.init_vector()
-                candidates.append(self._space.init_params())  # exactly, not via float round-trips
-            else:
-                x_eval, x_tell = self._backend.ask()
-                candidates.append(self._space.denormalize(x_eval))
+        for _ in range(self._popsize):
+            x_eval, x_tell = self._backend.ask()
+            candidates.append(self._space.denormalize(x_eval))
             told.append(np.array(x_tell, dtype=np.float64))
         self._pending_x = told
         return candidates
 
     def _update(self, scores: list[float | None]) -> None:
         assert self._pending_x is not None
+        if self._rounds_told == 0:
+            self._start_from_round_zero(self._pending_x, scores)
+            self._pending_x = None
+            return
         for x, score in zip(self._pending_x, scores):
             self._generation.append((x, None if score is None else -score))  # cmaes minimizes f = -score
         self._pending_x = None
@@ -198,10 +222,26 @@ class HAZero(Tuner):
         worst = max(fs)
         f_failed = worst + 1.0 + abs(worst)  # strictly worse than every real score of the generation
         self._backend.tell([(x, f_failed if f is None else f) for x, f in generation])
-        k = self._config.restart_flat_generations
-        self._recent_ranges = (self._recent_ranges + [(min(fs), max(fs))])[-k:]
+        if len(fs) >= 2:  # one real score is no evidence of a plateau
+            k = self._config.restart_flat_generations
+            self._recent_ranges = (self._recent_ranges + [(min(fs), max(fs))])[-k:]
         if self._converged():
             self._restart()
+
+    def _start_from_round_zero(self, xs: list[np.ndarray], scores: list[float | None]) -> None:
+        """Start CMA-ES at round 0's best point (the init point on ties); see the module docstring."""
+        real = [(s, i) for i, s in enumerate(scores) if s is not None]
+        if not real:
+            mean = xs[0]  # no score at all: the init point, as the original
+        elif len(real) >= 2 and max(s for s, _ in real) - min(s for s, _ in real) <= self._config.restart_tol_fitness:
+            # a plateau: every score tied, so no point of round 0 is better; start anywhere
+            u = self._rng.random(self._space.dim)
+            mean = self._backend.mean_low + u * (self._backend.mean_high - self._backend.mean_low)
+        else:
+            _, i_best = max(real, key=lambda r: (r[0], -r[1]))  # the first best: init wins a tie
+            mean = xs[i_best]
+        mean = np.clip(mean, self._backend.mean_low, self._backend.mean_high)
+        self._backend.start(mean, seed=int(self._rng.integers(2**32)))
 
     def _converged(self) -> bool:
         if self._backend.distribution_converged(self._config.restart_tol_sigma):
@@ -243,7 +283,7 @@ class HAZero(Tuner):
         if layout != _LAYOUT_VERSION:
             raise TunerStateVersionError(
                 f"hazero state layout_version {layout!r} cannot be read by this version, which reads "
-                f"layout_version {_LAYOUT_VERSION} (choices are searched categorically since 2); "
+                f"layout_version {_LAYOUT_VERSION} (round 0 is a space-filling design since 3); "
                 "start a new search (new output dir)")
         _check_keys(d, _ALGORITHM_KEYS, "the hazero algorithm state")
         n = self._space.dim

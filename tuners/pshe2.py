@@ -13,9 +13,8 @@ and, for a choice parameter only (a departure, below),
 
     (4)  per choice coordinate, with probability ε:  x ← u,  u ~ U[−1, 1)   jump to a random value
 
-Round 0 spreads the particles between the init point x₀ and the bounds (the original's
-``set_random_hparam``: per coordinate r ~ U[−1, 1), x = x₀ + r·(1 − x₀) if r ≥ 0 else
-x₀ + r·(x₀ + 1)), with particle 0 at x₀ exactly.
+Round 0 puts particle 0 at the init point x₀ exactly and the other popsize − 1 particles
+on a maximin Latin hypercube over the box (``tuners/_latin_hypercube.py``; a departure, below).
 
 Departures from the original (PaddleHub ``autofinetune/autoft.py``):
 
@@ -27,6 +26,14 @@ Departures from the original (PaddleHub ``autofinetune/autoft.py``):
   perturbation (3) then stays inside by construction, and a last clip guards rounding.
 - **Particle 0 of round 0 is the user's init_value, exactly**, so the result is never worse
   than the starting point (the original started every particle at a random spread).
+- **A robust start: the other particles of round 0 fill the box** (a maximin Latin hypercube,
+  McKay et al. 1979; Morris & Mitchell 1995), as particle swarms are usually initialised
+  (uniformly over the box: Kennedy & Eberhart 1995; space-filling designs: Richards &
+  Ventura, "Choosing a starting configuration for particle swarm optimization", IEEE IJCNN
+  2004). The original's ``set_random_hparam`` spread them between x₀ and a bound (per
+  coordinate r ~ U[−1, 1), x = x₀ + r·(1 − x₀) if r ≥ 0 else x₀ + r·(x₀ + 1)): from an
+  init_value at a bound half the coordinates stayed at that bound (r < 0 gives x = x₀), so the
+  swarm searched a corner of the box. The dynamics (1)-(4) are unchanged.
 - **Failures**: a failed trial (None) never updates p_i or g (the original scored a crash
   0.0, which could become the best). A particle that has never succeeded has no p_i yet:
   its local pull α(x_i − p_i) is taken as 0 (as if p_i = x_i). With no success at all yet,
@@ -56,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from tuners._base import Tuner, _check_keys, _get, _matrix, _opt_float
+from tuners._latin_hypercube import maximin_latin_hypercube
 from tuners.space import ChoiceParam
 
 __all__ = ["PSHE2", "PSHE2Config"]
@@ -103,9 +111,9 @@ class PSHE2(Tuner):
     def _start(self) -> None:
         shape = (self._popsize, self._space.dim)
         x0 = self._space.init_vector()
-        r = (self._rng.random(shape) - 0.5) * 2.0  # U[-1, 1)
-        x = np.where(r >= 0, x0 + r * (1.0 - x0), x0 + r * (x0 + 1.0))  # between x0 and a bound
-        x[0] = x0
+        x = np.empty(shape)
+        x[0] = x0  # particle 0: the init point; the others fill the box, away from it and each other
+        x[1:] = maximin_latin_hypercube(self._rng, self._popsize - 1, self._space.dim, avoid=x0)
         self._x = np.clip(x, -1.0, 1.0)  # positions, one row per particle
         self._m = np.zeros(shape)  # momenta
         self._p = np.zeros(shape)  # personal best positions (rows valid where _p_score is not None)

@@ -219,6 +219,8 @@ class ProgressDisplay:
 
     def trial_started(self, k: int, i: int, slot: dict, params: dict) -> None:
         where = f"gpu {slot.get('gpu')}" if slot.get("gpu") is not None else f"cpu-slot {slot.get('index')}"
+        if slot.get("worker"):  # a Dask worker's trial
+            where = (f"gpu {slot['gpu']} of " if slot.get("gpu") is not None else "") + str(slot["worker"])
         with self._lock:
             if k != self._round or self._round_t0 is None:
                 self._round, self._round_t0 = k, self._clock()
