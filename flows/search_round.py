@@ -80,6 +80,11 @@ def _gather(run_dir: RunDir, k: int, futures: list, candidates: list[dict], watc
                 started.add(i)
                 watchers.notify("trial_started", k, i, {"index": record["slot"], "gpu": record["gpu"],
                                                         "worker": record.get("worker")}, candidates[i])
+            if record.get("lost_workers"):
+                then = ("no retry left" if record["outcome"] == "worker_lost"
+                        else f"it ran again on {record.get('worker')}")
+                lost = ", ".join(map(str, record["lost_workers"]))
+                print(f"[autofinetune] r{k}c{i}: Dask worker(s) {lost} died while running it; {then}", flush=True)
             if record["outcome"] not in ("ok", "interrupted"):
                 print(crash_warning(record), flush=True)
             watchers.notify("trial_finished", record)

@@ -152,6 +152,8 @@ def run_candidate(run_dir: RunDir, k: int, i: int, params: dict, parent: Parent 
         if lost:
             record["attempts"] += len(lost)
             record["retried_after"] = ["worker_lost"] * len(lost) + record["retried_after"]
+    if lost:
+        record["lost_workers"] = [entry["worker"] for entry in lost]
     run_dir.write_trial(record)
     run_dir.lost_path(k, i).unlink(missing_ok=True)
     kill_point("trial_recorded")

@@ -53,7 +53,7 @@ class Slot:
     def describe(self) -> str:
         where = f"cpu-slot {self.index}" if self.gpu is None else f"gpu {self.gpu} (place {self.ordinal})"
         if self.worker is not None:
-            where = (f"worker {self.worker}" if self.gpu is None else f"gpu {self.gpu}") + f" of {self.worker}"
+            where = f"worker {self.worker}" if self.gpu is None else f"gpu {self.gpu} of worker {self.worker}"
         return where
 
 

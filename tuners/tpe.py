@@ -21,21 +21,25 @@ Departures from a plain ``TPESampler`` study, each for the tuner contract or the
   (``tuners/_latin_hypercube.py``), and so are the following rounds until ``n_startup_trials``
   trials were told (Optuna's startup draws uniformly at random; a space-filling design covers
   the box more evenly at the same cost, as Optuna's docs suggest with ``QMCSampler``).
-- **Failures rank below every real score**: a failed trial is given, in the model, a score
-  strictly below the worst real one (worst − 1 − |worst|; Optuna would ignore it and propose
-  its neighbourhood again). With no real score yet, failures are left out.
+- **Failures rank below every real score**: a failed trial is a completed trial of value −inf
+  in the model (Optuna's own FAIL state would be ignored, and its neighbourhood proposed
+  again). Until a trial has scored, rounds come from the space-filling design.
 - **Ints are modelled as continuous** on [low − 0.5, high + 0.5] (log scale for a log int) and
-  rounded to the nearest value: Optuna 5's kernel mass for an ``IntDistribution`` is
+  rounded to the nearest value (the model keeps the unrounded value it proposed, as HAZero
+  tells CMA-ES its raw sample): Optuna 5's kernel mass for an ``IntDistribution`` is
   evaluated in pure Python, ~110 ms for a round of 8 at 200 trials with two int parameters,
   against ~30 ms this way (the benchmark's overhead target is 50 ms a round). Choices are a
   ``CategoricalDistribution`` over the value indices (so that ``1``, ``1.0`` and ``True`` stay
   distinct values).
-- **State = the trial history and our RNG.** Each ``ask`` builds a fresh in-memory study from
-  the told trials (params and scores, in order) and a ``TPESampler`` seeded from the tuner's
-  numpy Generator. The JSON state is therefore the history (``algorithm.trials``) plus the
-  Generator's state, which the base class saves: a tuner restored from it builds the same
-  study and the same sampler, and its next ``ask`` is bit-identical. Nothing of Optuna is
-  pickled, and Optuna's own RNGs never outlive one ``ask``.
+- **State = the trial history and our RNG.** The tuner holds an in-memory Optuna study of
+  the told trials (in order: the values TPE proposed, unrounded, and the scores), and each ``ask`` gives it a new ``TPESampler`` seeded from the tuner's
+  numpy Generator. The JSON state is the history (``algorithm.trials``) plus the Generator's
+  state, which the base class saves; a restored tuner rebuilds the study from the history
+  (``add_trials``: the same completed trials, with the same raw values and scores, in the
+  same order), so its
+  next ``ask`` is bit-identical. Nothing of Optuna is pickled, and Optuna's RNGs never outlive
+  one ``ask``. (The pipeline restores the tuner every round, so it pays the rebuild, ~15 ms
+  at 200 trials; the benchmark reports both.)
 
 Optuna is imported when the first TPE asks, not by ``import tuners``.
 """
@@ -59,9 +63,9 @@ from tuners.space import ChoiceParam, FloatParam, IntParam
 __all__ = ["TPE", "TPEConfig"]
 
 # The keys of TPE's algorithm state, all required.
-_ALGORITHM_KEYS = ("trials",)
+_ALGORITHM_KEYS = ("trials", "pending_model")
 # The keys of one told trial in the state.
-_TRIAL_KEYS = ("params", "score")
+_TRIAL_KEYS = ("params", "score", "model")
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,26 @@ class TPEConfig:
                 raise ValueError(f"{field} must be True or False, got {field}={value!r}")
 
 
+@dataclass(frozen=True)
+class _Trial:
+    """A told trial: what was evaluated, its score, and where the model saw it."""
+
+    params: dict[str, Any]  # legal values of the space, as asked
+    score: float | None  # None: failed
+    model: dict[str, float | int]  # Optuna's raw values (an int axis unrounded; a choice's index)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"params": dict(self.params), "score": self.score, "model": dict(self.model)}
+
+
+@dataclass(frozen=True)
+class _History:
+    """TPE's records as read from a state, checked, before they are set on the tuner."""
+
+    trials: list[_Trial]
+    pending_model: list[dict[str, float | int]] | None
+
+
 class TPE(Tuner):
     """Optuna's multivariate TPE with a constant liar, one round per ``ask``; see the module docstring.
 
@@ -94,62 +118,83 @@ class TPE(Tuner):
     config_type = TPEConfig
 
     def _start(self) -> None:
-        self._trials: list[tuple[dict[str, Any], float | None]] = []  # told (params, score or None), in order
+        self._trials: list[_Trial] = []  # told, in order
+        self._pending_model: list[dict[str, float | int]] | None = None  # raw values of the pending round
+        # In memory only, rebuilt from _trials when missing (after a restore): an Optuna study of
+        # exactly the told trials, plus the pending round's trials when it was asked of TPE.
+        self._study: Any = None
+        self._asked: list[int] | None = None  # their trial numbers in _study
 
     @property
     def trials(self) -> list[tuple[dict[str, Any], float | None]]:
         """Every told trial, in order: (params, score or None for a failure)."""
-        return [(dict(p), s) for p, s in self._trials]
+        return [(dict(t.params), t.score) for t in self._trials]
 
     # -- ask / tell ---------------------------------------------------------------------------
 
     def _propose(self) -> list[dict[str, Any]]:
-        if len(self._trials) >= self._config.n_startup_trials:
+        scored = any(t.score is not None for t in self._trials)
+        if len(self._trials) >= self._config.n_startup_trials and scored:
             return self._ask_optuna(seed=int(self._rng.integers(2**32)))
-        # the startup design (round 0 always): init first, the rest spread over the box, away from
-        # every point tried so far and from each other
+        # the startup design (round 0 always; again while no trial has scored): init first, the
+        # rest spread over the box, away from every point tried so far and from each other
         candidates = [self._space.init_params()] if self._rounds_told == 0 else []  # exactly
-        tried = np.array([self._space.normalize(p) for p in [*(p for p, _ in self._trials), *candidates]])
+        tried = np.array([self._space.normalize(p) for p in [*(t.params for t in self._trials), *candidates]])
         design = maximin_latin_hypercube(self._rng, self._popsize - len(candidates), self._space.dim,
                                          avoid=tried if len(tried) else None)
-        return candidates + [self._space.denormalize(x) for x in design]
+        candidates += [self._space.denormalize(x) for x in design]
+        self._pending_model = [_internal(self._space, c) for c in candidates]
+        self._asked = None
+        return candidates
 
     def _update(self, scores: list[float | None]) -> None:
-        assert self._pending is not None
-        self._trials += [(dict(p), s) for p, s in zip(self._pending, scores)]
+        assert self._pending is not None and self._pending_model is not None
+        told = [_Trial(dict(p), s, m) for p, s, m in zip(self._pending, scores, self._pending_model)]
+        if self._study is not None:
+            with _quiet_optuna():
+                if self._asked is not None:  # asked of the study: complete them
+                    for number, trial in zip(self._asked, told):
+                        self._study.tell(number, _model_value(trial.score))
+                else:  # the startup design: add them
+                    self._study.add_trials([self._frozen(t) for t in told])
+        self._trials += told
+        self._pending_model, self._asked = None, None
 
     def _ask_optuna(self, *, seed: int) -> list[dict[str, Any]]:
-        """A round of candidates from a TPE study of the told trials, its sampler seeded with ``seed``."""
+        """A round of candidates from the TPE study of the told trials, its sampler seeded with ``seed``."""
         import optuna
-        from optuna.trial import TrialState, create_trial
 
-        distributions = {p.name: _distribution(p) for p in self._space.params}
-        real = [s for _, s in self._trials if s is not None]
-        f_failed = min(real) - 1.0 - abs(min(real)) if real else None  # below every real score
-        history = [
-            create_trial(params=_internal(self._space, params), distributions=distributions,
-                         value=f_failed if score is None else score,
-                         state=TrialState.FAIL if score is None and not real else TrialState.COMPLETE)
-            for params, score in self._trials
-        ]
         with warnings.catch_warnings(), _quiet_optuna():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(
+            if self._study is None:
+                self._study = optuna.create_study(direction="maximize")
+                self._study.add_trials([self._frozen(t) for t in self._trials])
+            self._study.sampler = optuna.samplers.TPESampler(
                 seed=seed, n_startup_trials=1, n_ei_candidates=self._config.n_ei_candidates,
-                multivariate=self._config.multivariate, constant_liar=self._config.constant_liar,
-)
-            study = optuna.create_study(direction="maximize", sampler=sampler)
-            study.add_trials(history)
+                multivariate=self._config.multivariate, constant_liar=self._config.constant_liar)
             # asked one by one, not told: with the constant liar each counts as running for the next
-            asked = [study.ask(distributions).params for _ in range(self._popsize)]
-        return [_external(self._space, params) for params in asked]
+            asked = [self._study.ask(self._distributions()) for _ in range(self._popsize)]
+        self._asked = [trial.number for trial in asked]
+        self._pending_model = [dict(trial.params) for trial in asked]
+        return [_external(self._space, trial.params) for trial in asked]
+
+    def _distributions(self) -> dict[str, Any]:
+        return {p.name: _distribution(p) for p in self._space.params}
+
+    def _frozen(self, trial: _Trial) -> Any:
+        """A told trial as Optuna's completed trial (a failure valued -inf: below every real score)."""
+        from optuna.trial import create_trial
+
+        return create_trial(params=dict(trial.model), distributions=self._distributions(),
+                            value=_model_value(trial.score))
 
     # -- state ------------------------------------------------------------------------------------
 
     def _algorithm_state(self) -> dict[str, Any]:
-        return {"trials": [{"params": dict(p), "score": s} for p, s in self._trials]}
+        return {"trials": [t.to_json() for t in self._trials],
+                "pending_model": None if self._pending_model is None else [dict(m) for m in self._pending_model]}
 
-    def _parse_algorithm_state(self, d: Any, *, pending: list[dict[str, Any]] | None) -> list:
+    def _parse_algorithm_state(self, d: Any, *, pending: list[dict[str, Any]] | None) -> _History:
         _check_keys(d, _ALGORITHM_KEYS, "the tpe algorithm state")
         items = _get(d, "trials")
         if not isinstance(items, list):
@@ -159,16 +204,47 @@ class TPE(Tuner):
             _check_keys(item, _TRIAL_KEYS, f"the tpe algorithm state's trials[{i}]")
             params = dict(_get(item, "params"))
             self._space.normalize(params)  # legal values of this space, or ValueError
-            trials.append((params, _opt_float(_get(item, "score"), f"trials[{i}] score")))
+            trials.append(_Trial(params, _opt_float(_get(item, "score"), f"trials[{i}] score"),
+                                 self._model(_get(item, "model"), f"trials[{i}] model")))
         if len(trials) % self._popsize:
             raise ValueError(f"{len(trials)} told trials is not a whole number of rounds of {self._popsize}")
-        return trials
+        pending_model = _get(d, "pending_model")
+        if (pending_model is None) != (pending is None):
+            raise ValueError("pending candidates and their model values disagree")
+        if pending_model is not None:
+            if not isinstance(pending_model, list) or len(pending_model) != self._popsize:
+                raise ValueError(f"pending_model must be a list of {self._popsize} mappings")
+            pending_model = [self._model(m, "pending_model") for m in pending_model]
+        return _History(trials=trials, pending_model=pending_model)
 
-    def _restore_algorithm_state(self, records: list) -> None:
-        self._trials = list(records)
+    def _model(self, m: Any, what: str) -> dict[str, float | int]:
+        """Checked raw values: a number in the parameter's model range per name (a choice: an index)."""
+        _check_keys(m, self._space.names, f"the tpe algorithm state's {what}")
+        out: dict[str, float | int] = {}
+        for p in self._space.params:
+            v = m[p.name]
+            if isinstance(p, ChoiceParam):
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(p.values):
+                    raise ValueError(f"{what}: {p.name}={v!r} is not a value index 0..{len(p.values) - 1}")
+            else:
+                low, high = _model_range(p)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+                    raise ValueError(f"{what}: {p.name}={v!r} is outside [{low!r}, {high!r}]")
+                v = float(v)
+            out[p.name] = v
+        return out
+
+    def _restore_algorithm_state(self, records: _History) -> None:
+        self._trials = list(records.trials)
+        self._pending_model = None if records.pending_model is None else list(records.pending_model)
+        self._study, self._asked = None, None  # rebuilt from the trials at the next ask
 
 
 # --- the space in Optuna's terms ---------------------------------------------------------------
+
+
+def _model_value(score: float | None) -> float:
+    return -math.inf if score is None else score
 
 
 def _distribution(p: Any) -> Any:
@@ -176,10 +252,15 @@ def _distribution(p: Any) -> Any:
 
     if isinstance(p, ChoiceParam):
         return CategoricalDistribution(tuple(range(len(p.values))))
-    if isinstance(p, IntParam):  # continuous, rounded: see the module docstring
-        return FloatDistribution(p.low - 0.5, p.high + 0.5, log=p.log)
-    assert isinstance(p, FloatParam)
-    return FloatDistribution(p.low, p.high, log=p.log)
+    low, high = _model_range(p)
+    return FloatDistribution(low, high, log=p.log)
+
+
+def _model_range(p: FloatParam | IntParam) -> tuple[float, float]:
+    """Where the model searches a number: an int continuous on [low − 0.5, high + 0.5], then rounded."""
+    if isinstance(p, IntParam):
+        return p.low - 0.5, p.high + 0.5
+    return p.low, p.high
 
 
 def _internal(space: Any, params: dict[str, Any]) -> dict[str, Any]:
@@ -207,16 +288,19 @@ def _external(space: Any, params: dict[str, Any]) -> dict[str, Any]:
 
 @contextmanager
 def _quiet_optuna() -> Iterator[None]:
-    """Drop Optuna's "A new study created in memory" line (one a round otherwise), and only it."""
-    logger = logging.getLogger("optuna.storages._in_memory")
+    """Drop Optuna's lines below ERROR ("A new study created", "Trial 7 failed"): bookkeeping, not news."""
+    loggers = [logging.getLogger(name)
+               for name in ("optuna.storages._in_memory", "optuna.study.study", "optuna.study._tell")]
     quiet = _DropInfo()
-    logger.addFilter(quiet)
+    for logger in loggers:
+        logger.addFilter(quiet)
     try:
         yield
     finally:
-        logger.removeFilter(quiet)
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 class _DropInfo(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno > logging.INFO
+        return record.levelno >= logging.ERROR
