@@ -819,6 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, help=f"seeds per synthetic cell (default {DEFAULT_SEEDS})")
     parser.add_argument("--real-seeds", type=int, help=f"seeds per real-task cell (default {DEFAULT_REAL_SEEDS})")
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first..first+N-1 (default 0), "
+                        "to split a run into pieces that --from-raw joins")
     parser.add_argument("--problems", type=_parse_list(list(PROBLEMS)), help=f"default: {','.join(PROBLEMS)}")
     parser.add_argument("--methods", type=_parse_list(ALL_METHODS), help=f"default: {','.join(DEFAULT_METHODS)}")
     parser.add_argument("--budgets", type=_parse_budgets, help="POPSIZExROUNDS,... (default 5x10,8x25)")
@@ -861,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
             for popsize, rounds in budgets
             if _allowed(PROBLEMS[name], (popsize, rounds))
             for method in methods
-            for seed in range(real_seeds if name in REAL_PROBLEMS else seeds)
+            for seed in range(args.first_seed, args.first_seed + (real_seeds if name in REAL_PROBLEMS else seeds))
         ]
         if not jobs:
             parser.error("nothing to run: check --problems, --budgets and --seeds")

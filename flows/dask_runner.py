@@ -5,14 +5,16 @@
 single-thread worker processes here, every listener (scheduler, workers, nannies,
 dashboard) on 127.0.0.1. Before any trial runs, each worker writes a probe file into the
 run dir (``runtime.cluster.probe_run_dir``) that this process must see, so a worker that
-does not share the run dir at the same path is refused with one line naming it. Each
-round's subflow gets its own ``DaskTaskRunner`` (Prefect enters a task runner per flow
-run); they all reach the same scheduler by its address.
+does not share the run dir at the same path is refused with one line naming it. Prefect
+enters a fresh copy of the task runner for every flow run (``duplicate``), so each round
+would connect a new Dask client; ``_SharedClientRunner`` hands every round the one client
+of the search instead (measured: about 0.5 s less per round).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import secrets
 from pathlib import Path
@@ -36,8 +38,8 @@ class ClusterError(SettingsError):
 def dask_trials(cluster: DaskCluster, run_dir: RunDir, script: str, *, trials_per_gpu: int,
                 say=print) -> Iterator[tuple]:
     """Yields ``(task_runner, placement, slots, client)`` for the search's rounds."""
-    from distributed import Client, LocalCluster
-    from prefect_dask import DaskTaskRunner
+    from distributed import LocalCluster
+    from prefect_dask.client import PrefectDaskClient
 
     with contextlib.ExitStack() as stack:
         address = cluster.address
@@ -47,7 +49,8 @@ def dask_trials(cluster: DaskCluster, run_dir: RunDir, script: str, *, trials_pe
                 dashboard_address="127.0.0.1:0", resources={"slot": 1}, silence_logs=logging.WARNING))
             address = local.scheduler_address
         try:
-            client = stack.enter_context(Client(address, timeout=_CONNECT_TIMEOUT_S, set_as_default=False))
+            client = stack.enter_context(PrefectDaskClient(address, timeout=_CONNECT_TIMEOUT_S,
+                                                           set_as_default=False))
         except (OSError, TimeoutError) as exc:
             raise ClusterError(f"--dask-address {address}: no Dask scheduler answers there ({exc}); start "
                                "one (`dask scheduler`) or correct the address") from None
@@ -59,12 +62,36 @@ def dask_trials(cluster: DaskCluster, run_dir: RunDir, script: str, *, trials_pe
                                "--resources GPU=1` with CUDA_VISIBLE_DEVICES set, one per GPU") from None
         workers = client.scheduler_info(n_workers=-1)["workers"]
         _check_shared_run_dir(client, run_dir, script)
+        # Import the task (and Prefect) on every worker now, in parallel, rather than inside
+        # each worker's first trial (seconds on a busy host).
+        client.run(importlib.import_module, "tasks.steps")
         resources = trial_resources(workers, trials_per_gpu)
         placement = WorkerPlacement(trials_per_gpu=trials_per_gpu, resources=resources)
         say(f"[autofinetune] Dask: {len(workers)} workers at {address}, each trial needs "
             f"{resources or 'a worker thread'}; dashboard {client.dashboard_link}")
         slots = [{"index": n, "gpu": None, "ordinal": 0, "worker": addr} for n, addr in enumerate(sorted(workers))]
-        yield DaskTaskRunner(address=address), placement, slots, client
+        yield _shared_client_runner(client), placement, slots, client
+
+
+def _shared_client_runner(client):
+    """A ``DaskTaskRunner`` whose every copy submits through ``client`` and never closes it."""
+    from prefect_dask import DaskTaskRunner
+
+    class _SharedClientRunner(DaskTaskRunner):
+        def __init__(self) -> None:
+            super().__init__(address=client.scheduler.address)
+            self._client = client  # the property returns it; the exit stack never owns it
+
+        def duplicate(self):
+            return _SharedClientRunner()
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, _SharedClientRunner)
+
+        def __reduce__(self):  # shipped with the flow to workers, which never use it
+            return DaskTaskRunner, (), {"address": self.address}
+
+    return _SharedClientRunner()
 
 
 def _check_shared_run_dir(client, run_dir: RunDir, script: str) -> None:

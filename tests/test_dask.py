@@ -263,3 +263,30 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def test_a_scheduler_that_goes_away_stops_the_search_with_the_resume_hint(work, prefect_server, tmp_path):
+    own = Cluster(tmp_path, prefect_server)
+    try:
+        own.add_worker("0")
+        own.wait_for(1)
+        args = ["--output-dir", "run", "--popsize", "2", "--round", "1", "--evaluator", "fulltrail"]
+        proc = cli(work, prefect_server, "--dask-address", own.address, *args, "sleep", "30", wait=False)
+        deadline = time.monotonic() + 120
+        while not list((work / "run").glob("round0/.pid-*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        gone = time.monotonic()
+        os.killpg(own.scheduler.pid, signal.SIGKILL)
+        code, log = finish(proc, timeout=120)
+        assert code == 130, log[-4000:]
+        assert time.monotonic() - gone < 60
+        assert "the Dask scheduler went away" in log and "Re-run the same command" in log
+    finally:
+        own.close()
+    deadline = time.monotonic() + 15
+    while trial_processes(work) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert trial_processes(work) == []
+    code, log = cli(work, prefect_server, "--cpu-slots", "2", *args)  # resumed here, on local slots
+    assert code == 0, log[-4000:]
+    assert [r["outcome"] for r in records(work / "run")] == ["ok", "ok"]

@@ -356,6 +356,10 @@ def test_corrupt_or_mismatched_state_is_refused_and_changes_nothing(tuner_name):
             (_break(state, ["algorithm", "trials", 0], dict(trial, score="high")), r"score='high' must be"),
             (_break(state, ["algorithm", "trials", 0, "params", "batch_size"], 65), r"batch_size: 65 is outside"),
             (_break(state, ["algorithm", "trials"], None), r"trials must be a list"),
+            (_break(state, ["algorithm", "trials", 0, "model", "batch_size"], 64.6),
+             r"trials\[0\] model: batch_size=64.6 is outside \[7.5, 64.5\]"),
+            (_break(state, ["algorithm", "trials", 0, "model", "optimizer"], 5), r"is not a value index 0..4"),
+            (_break(state, ["algorithm", "pending_model"], None), r"pending candidates and their model values disagree"),
         ]
     before = dumps(tuner)
     for bad, message in cases:
@@ -667,3 +671,122 @@ def test_beats_random_search_on_a_smooth_2d_problem(name):
                           for x in rng.uniform(-1, 1, size=(rounds * popsize, 2))))
     assert np.median(ours) > np.median(random)
     assert np.mean(np.array(ours) > np.array(random)) >= 0.8
+
+
+# --- the robust start (issue 11): round 0 is the init point and a Latin hypercube ----------------
+
+CORNER = SearchSpace.from_dict({"param_list": [
+    {"name": "a", "type": "float", "init_value": -5.0, "greater_than": -5.0, "lower_than": 5.0},
+    {"name": "b", "type": "float", "init_value": 5.0, "greater_than": -5.0, "lower_than": 5.0}]},
+    source="corner")
+
+
+@pytest.mark.parametrize("popsize", [2, 5, 8])
+def test_round_zero_fills_the_box_from_any_init(tuner_name, popsize):
+    # init at a corner: the original PSHE2 left half the coordinates at that corner, HAZero
+    # sampled only around it; now the other candidates take one stratum each, on every axis
+    candidates = make_tuner(tuner_name, CORNER, popsize=popsize, seed=0).ask()
+    assert candidates[0] == {"a": -5.0, "b": 5.0}
+    n = popsize - 1
+    for name in ("a", "b"):
+        strata = sorted(min(int((c[name] + 5.0) / 10.0 * n), n - 1) for c in candidates[1:])
+        assert strata == list(range(n)), name
+
+
+def test_hazero_starts_cma_es_at_the_best_point_of_round_zero():
+    tuner = make_tuner("hazero", CORNER, popsize=5, seed=0)
+    candidates = tuner.ask()
+    target = candidates[3]
+    tuner.tell([-((c["a"] - target["a"]) ** 2 + (c["b"] - target["b"]) ** 2) for c in candidates])
+    mean = tuner._backend.optimizer.mean
+    np.testing.assert_allclose(CORNER.denormalize(mean)["a"], target["a"], atol=0.51)  # clipped to the inset box
+    np.testing.assert_allclose(CORNER.denormalize(mean)["b"], target["b"], atol=0.51)
+
+
+def test_hazero_starts_at_the_init_point_when_it_wins_round_zero_or_ties():
+    for scores in ([1.0, 0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.5, 0.2, 1.0]):
+        tuner = make_tuner("hazero", ONE, popsize=5, seed=0)
+        tuner.ask()
+        tuner.tell(scores)
+        np.testing.assert_allclose(tuner._backend.optimizer.mean, ONE.init_vector())
+
+
+@pytest.mark.parametrize("space", [ONE, TRAP], ids=["cmawm", "catcmawm"])
+def test_a_plateau_does_not_stall_hazero(space):
+    # every score ties (training diverged everywhere: chance accuracy): round 0 gives no best
+    # point, so CMA-ES starts at a random one, and each tied generation after it restarts
+    tuner = make_tuner("hazero", space, popsize=4, seed=0)
+    asked = drive(tuner, 5, f=lambda c: 0.1)
+    assert tuner.restarts == 4
+    points = {tuple(sorted(c.items())) for round_ in asked for c in round_}
+    assert len(points) == 20  # no round repeats a point
+
+
+def test_a_plateau_does_not_stall_any_tuner(tuner_name):
+    # a flat region around the init point, a basin elsewhere: every tuner leaves the plateau
+    def f(p):
+        d = (p["a"] - 3.0) ** 2 + (p["b"] + 3.0) ** 2
+        return 0.1 if d > 9.0 else 1.0 - d / 10.0
+    found = 0
+    for seed in range(5):
+        tuner = make_tuner(tuner_name, CORNER, popsize=5, seed=seed)
+        drive(tuner, 10, f=f)
+        found += tuner.best[1] > 0.9
+    assert found >= 4
+
+
+def test_latin_hypercube_is_seeded_and_avoids_the_given_points():
+    from tuners._latin_hypercube import maximin_latin_hypercube
+
+    a = maximin_latin_hypercube(np.random.default_rng(0), 6, 3, avoid=np.zeros(3))
+    b = maximin_latin_hypercube(np.random.default_rng(0), 6, 3, avoid=np.zeros(3))
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (6, 3) and np.all(np.abs(a) <= 1.0)
+    for axis in range(3):
+        assert sorted(((a[:, axis] + 1.0) / 2.0 * 6).astype(int)) == list(range(6))
+    assert maximin_latin_hypercube(np.random.default_rng(0), 0, 3).shape == (0, 3)
+
+
+# --- TPE -------------------------------------------------------------------------------------
+
+
+def test_tpe_models_failures_below_every_real_score():
+    tuner = make_tuner("tpe", NUMERIC, popsize=5, seed=0)
+    drive(tuner, 2, f=_score_on(NUMERIC), fail={1})
+    tuner.ask()  # the first round asked of TPE builds the study of the told trials
+    values = [t.value for t in tuner._study.trials if t.state.name == "COMPLETE"]
+    assert len(values) == 10 and values[1] == values[6] == -math.inf
+    assert all(v > -math.inf for i, v in enumerate(values) if i not in (1, 6))
+
+
+def test_tpe_round_is_spread_by_the_constant_liar():
+    tuner = make_tuner("tpe", SMOOTH_2D, popsize=8, seed=0)
+    asked = drive(tuner, 4, f=smooth_2d)
+    for candidates in asked[2:]:  # rounds asked of TPE (after 10 startup trials)
+        points = {(c["a"], c["b"]) for c in candidates}
+        assert len(points) == 8
+
+
+def test_tpe_keeps_int_values_legal_and_the_model_raw():
+    tuner = make_tuner("tpe", NUMERIC, popsize=4, seed=0)
+    drive(tuner, 4, f=_score_on(NUMERIC))
+    candidates = tuner.ask()
+    model = tuner.state_dict()["algorithm"]["pending_model"]
+    for c, m in zip(candidates, model):
+        assert type(c["batch_size"]) is int and c["batch_size"] == math.floor(m["batch_size"] + 0.5)
+        assert 7.5 <= m["batch_size"] <= 64.5
+
+
+def test_tpe_startup_does_not_import_optuna():
+    # the startup design needs no model; Optuna is loaded by the first round asked of TPE
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom tuners import SearchSpace, make_tuner\n"
+            "space = SearchSpace.from_dict({'param_list': [{'name': 'x', 'type': 'float', 'init_value': 0.5,"
+            " 'greater_than': 0.0, 'lower_than': 1.0}]})\n"
+            "t = make_tuner('tpe', space, popsize=5, seed=0)\n"
+            "t.tell([0.0] * len(t.ask()))\nassert 'optuna' not in sys.modules\n"
+            "t.tell([0.0] * len(t.ask()))\nt.ask()\nassert 'optuna' in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -1,4 +1,4 @@
-"""``import tuners`` stays light: no scipy, no cmaes until a HAZero is made.
+"""``import tuners`` stays light: no scipy, no cmaes until a HAZero is made, no Optuna until a TPE models.
 
 cmaes's package imports scipy (about a second, and hundreds of modules) for one optimizer we
 do not use; every Prefect task that only reads a search space imports ``tuners``. Each check runs
@@ -23,11 +23,12 @@ def _modules_after(code: str) -> set[str]:
     return set(result.stdout.split())
 
 
-def test_import_tuners_loads_neither_scipy_nor_cmaes():
-    modules = _modules_after("import tuners\nfrom tuners import SearchSpace, make_tuner, HAZero, PSHE2")
+def test_import_tuners_loads_neither_scipy_nor_cmaes_nor_optuna():
+    modules = _modules_after("import tuners\nfrom tuners import SearchSpace, make_tuner, HAZero, PSHE2, TPE")
     assert "tuners" in modules and "numpy" in modules
     assert "scipy" not in modules
     assert "cmaes" not in modules
+    assert "optuna" not in modules
 
 
 def test_a_pshe2_search_loads_no_cmaes():

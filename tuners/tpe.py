@@ -32,16 +32,19 @@ Departures from a plain ``TPESampler`` study, each for the tuner contract or the
   ``CategoricalDistribution`` over the value indices (so that ``1``, ``1.0`` and ``True`` stay
   distinct values).
 - **State = the trial history and our RNG.** The tuner holds an in-memory Optuna study of
-  the told trials (in order: the values TPE proposed, unrounded, and the scores), and each ``ask`` gives it a new ``TPESampler`` seeded from the tuner's
-  numpy Generator. The JSON state is the history (``algorithm.trials``) plus the Generator's
-  state, which the base class saves; a restored tuner rebuilds the study from the history
-  (``add_trials``: the same completed trials, with the same raw values and scores, in the
-  same order), so its
-  next ``ask`` is bit-identical. Nothing of Optuna is pickled, and Optuna's RNGs never outlive
-  one ``ask``. (The pipeline restores the tuner every round, so it pays the rebuild, ~15 ms
-  at 200 trials; the benchmark reports both.)
+  the told trials (in order: the raw values TPE proposed and the scores), and each ``ask``
+  gives it a new ``TPESampler`` seeded from the tuner's numpy Generator. The JSON state is the
+  history (``algorithm.trials``, with ``pending_model`` for a round asked but not told) plus
+  the Generator's state, which the base class saves; a restored tuner rebuilds the study from
+  the history (``add_trials``: the same completed trials, the same raw values and scores, in
+  the same order), so its next ``ask`` is bit-identical. Nothing of Optuna is pickled, and
+  Optuna's RNGs never outlive one ``ask``. (The pipeline restores the tuner every round, so
+  it pays the rebuild too, ~15 ms at 200 trials; the benchmark reports both.) Proposals for a
+  given seed depend on Optuna's TPE code: the same Optuna version resumes bit-identically,
+  another one continues the same history with other proposals.
 
-Optuna is imported when the first TPE asks, not by ``import tuners``.
+Optuna is imported by the first round asked of the model, not by ``import tuners`` (nor by
+the startup rounds).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ _TRIAL_KEYS = ("params", "score", "model")
 
 @dataclass(frozen=True)
 class TPEConfig:
-    """TPE's constants (Optuna's defaults but for the startup design and the two switches)."""
+    """TPE's constants (Optuna's defaults, but for the startup design and the two switches)."""
 
     n_startup_trials: int = 10  # trials from the space-filling design (init first) before TPE models
     n_ei_candidates: int = 24  # candidates drawn from l(x) per proposal; the best l/g is proposed (Optuna's)
