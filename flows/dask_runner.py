@@ -61,7 +61,7 @@ def dask_trials(cluster: DaskCluster, run_dir: RunDir, script: str, *, trials_pe
                                f"{_WORKER_WAIT_S} s; start them, e.g. `dask worker {address} --nthreads 1 "
                                "--resources GPU=1` with CUDA_VISIBLE_DEVICES set, one per GPU") from None
         workers = client.scheduler_info(n_workers=-1)["workers"]
-        _check_shared_run_dir(client, run_dir, script)
+        seen = _check_shared_run_dir(client, run_dir, script)
         # Import the task (and Prefect) on every worker now, in parallel, rather than inside
         # each worker's first trial (seconds on a busy host).
         client.run(importlib.import_module, "tasks.steps")
@@ -69,7 +69,8 @@ def dask_trials(cluster: DaskCluster, run_dir: RunDir, script: str, *, trials_pe
         placement = WorkerPlacement(trials_per_gpu=trials_per_gpu, resources=resources)
         say(f"[autofinetune] Dask: {len(workers)} workers at {address}, each trial needs "
             f"{resources or 'a worker thread'}; dashboard {client.dashboard_link}")
-        slots = [{"index": n, "gpu": None, "ordinal": 0, "worker": addr} for n, addr in enumerate(sorted(workers))]
+        slots = [{"index": n, "gpu": seen.get(addr, {}).get("gpu"), "ordinal": 0, "worker": addr}
+                 for n, addr in enumerate(sorted(workers))]
         yield _shared_client_runner(client), placement, slots, client
 
 
@@ -94,8 +95,9 @@ def _shared_client_runner(client):
     return _SharedClientRunner()
 
 
-def _check_shared_run_dir(client, run_dir: RunDir, script: str) -> None:
-    """Every worker must see the run dir (and the script) at the same path as this process."""
+def _check_shared_run_dir(client, run_dir: RunDir, script: str) -> dict:
+    """Every worker must see the run dir (and the script) at the same path as this process;
+    returns what each worker reported (host, GPU), by address."""
     token = secrets.token_hex(6)
     seen = client.run(probe_run_dir, str(run_dir.path), token, script)
     try:
@@ -111,3 +113,4 @@ def _check_shared_run_dir(client, run_dir: RunDir, script: str) -> None:
     finally:
         for path in run_dir.path.glob(f".probe-{token}-*"):
             path.unlink(missing_ok=True)
+    return seen

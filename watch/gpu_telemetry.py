@@ -99,6 +99,9 @@ class GpuTelemetry:
         if raw and interval_from_env(default=-1.0) == -1.0:  # set, but not a usable interval
             self._say(f"ignoring {INTERVAL_ENV}={raw!r}: expected a positive number of seconds; "
                       f"sampling every {DEFAULT_INTERVAL_S:g}s")
+        if any(s.get("worker") for s in info.get("slots") or ()):
+            self._say("GPU telemetry: the trials run on Dask workers; each samples its own GPU into its trial record")
+            return
         slots = [s for s in info.get("slots") or () if s.get("gpu") is not None]
         nvml, reason = self._open_nvml()
         if nvml is None:

@@ -209,6 +209,8 @@ class ProgressDisplay:
             finished = len(self._finished)
             where = (f"on GPU {','.join(self._gpus)} ({self._slots} slots)" if self._gpus
                      else f"on {self._slots} CPU slot{'s' if self._slots != 1 else ''}")
+            if any(s.get("worker") for s in info.get("slots") or ()):
+                where = f"on {self._slots} Dask worker{'s' if self._slots != 1 else ''}"
         if self.mode == "live":
             self._start_live()
             return
