@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -297,6 +298,9 @@ def test_a_stop_terminates_the_group_and_a_pid_file_names_the_trial(tmp_path):
     stop.set()
     thread.join(timeout=20)
     assert result["outcome"] == "interrupted"
+    deadline = time.monotonic() + 5  # a SIGKILLed process takes a moment to become a zombie
+    while group_members(info["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert group_members(info["pid"]) == []  # the grandchild went with the group
 
 
@@ -411,3 +415,58 @@ def test_help_and_bad_input_answer_without_importing_prefect(toy):
         "first argument, e.g. `python -m flows.autofinetune train.py ...`",
         "autofinetune: error: --popsize must be an integer >= 1, got 0"]
     assert not any(p.name.startswith("output_") for p in toy.iterdir())
+
+
+# -- Dask placement, as plain functions -----------------------------------------------------
+
+def test_what_a_trial_asks_a_dask_cluster_for():
+    from runtime.cluster import trial_resources
+
+    gpu = {"tcp://a:1": {"resources": {"GPU": 1}}, "tcp://b:1": {"resources": {}}}
+    assert trial_resources(gpu, 1) == {"GPU": 1.0} and trial_resources(gpu, 4) == {"GPU": 0.25}
+    assert trial_resources({"tcp://a:1": {"resources": {"slot": 2}}}, 1) == {"slot": 1}
+    assert trial_resources({"tcp://a:1": {}}, 1) is None  # one trial per worker thread
+
+
+def test_the_run_dir_probe_says_what_a_worker_cannot_see(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from runtime.cluster import probe_run_dir
+
+    worker = SimpleNamespace(address="tcp://127.0.0.1:9")
+    (tmp_path / "train.py").write_text("")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    found = probe_run_dir(str(tmp_path), "tok", str(tmp_path / "train.py"), dask_worker=worker)
+    assert found["error"] is None and found["gpu"] == "3" and found["worker"] == "tcp://127.0.0.1:9"
+    assert Path(found["probe"]).read_text() == "tcp://127.0.0.1:9"
+    missing = probe_run_dir(str(tmp_path / "nope"), "tok", str(tmp_path / "train.py"), dask_worker=worker)
+    assert missing["error"] == f"the run dir {tmp_path / 'nope'} does not exist there"
+    no_script = probe_run_dir(str(tmp_path), "tok", str(tmp_path / "other.py"), dask_worker=worker)
+    assert no_script["error"] == f"the script {tmp_path / 'other.py'} is not there"
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"dask_address": "10.0.0.1:8786"}, "--dask-address '10.0.0.1:8786' is not a Dask scheduler address"),
+    ({"dask_local": 0}, "--dask-local must be an integer >= 1, got 0"),
+])
+def test_dask_options_are_checked(options, says):
+    with pytest.raises(OptionError) as err:
+        check_all(options)
+    assert says in str(err.value)
+
+
+def test_dask_settings(toy):
+    s = settings_for(toy, dask_local=3, trials_per_gpu=2)
+    assert s.cluster.local_workers == 3 and s.slots == [] and s.trials_per_gpu == 2
+    with pytest.raises(SettingsError, match="either --dask-address .* or --dask-local N, not both"):
+        settings_for(toy, dask_local=3, dask_address="tcp://127.0.0.1:8786")
+    with pytest.raises(SettingsError, match="--gpu picks this host's GPUs"):
+        settings_for(toy, dask_local=3, gpu="0")
+
+
+def test_a_slot_describes_where_it_is():
+    assert Slot(index=1, gpu=None).describe() == "cpu-slot 1"
+    assert Slot(index=0, gpu="2", ordinal=1).describe() == "gpu 2 (place 1)"
+    assert Slot(index=0, gpu="1,2,0", worker="tcp://h:1").describe() == "gpu 1,2,0 of worker tcp://h:1"
+    assert Slot(index=0, gpu="1,2,0", worker="tcp://h:1").lock_name == "gpu-1.0.lock"
+    assert Slot(index=0, gpu=None, worker="tcp://h:1").describe() == "worker tcp://h:1"
