@@ -86,7 +86,7 @@ def autofinetune(script: str = "train.py", param_file: str = "hparam.yaml", gpu:
     signals.reassert()  # the CLI's Ctrl-C/SIGTERM handler, over the one Prefect just installed
     settings = resolve_settings(dict(locals()), started=_run_created())
     run_dir = RunDir(settings.output_dir)
-    created = not run_dir.state_path.exists()
+    created = not run_dir.path.exists()
     run_dir.path.mkdir(parents=True, exist_ok=True)
     try:
         with run_dir.lock():  # a second live search on this dir is refused
@@ -99,14 +99,18 @@ def autofinetune(script: str = "train.py", param_file: str = "hparam.yaml", gpu:
             finally:
                 watchers.close()
     except BaseException:  # e.g. a cluster refused: a search that never started leaves nothing
-        if created and not run_dir.state_path.exists():
-            shutil.rmtree(run_dir.path, ignore_errors=True)
+        if not run_dir.state_path.exists():
+            if created:
+                shutil.rmtree(run_dir.path, ignore_errors=True)
+            else:  # the user's own (empty) dir: only what this run put there
+                for name in (".lock", ".prefect-server", ".stop"):
+                    (run_dir.path / name).unlink(missing_ok=True)
         raise
     return summary
 
 
 def build_watchers(run_dir: RunDir, settings: Settings) -> list:
-    """Who is told about the search's progress (see watch.registry)."""
+    """Who is told about the search's progress (see watch.watchers)."""
     from watch.gpu_telemetry import GpuTelemetry
     from watch.progress import ProgressDisplay
     from watch.visualization import VisualDLWatcher

@@ -58,11 +58,14 @@ def _gather(run_dir: RunDir, k: int, futures: list, candidates: list[dict], watc
     records: list[dict | None] = [None] * len(futures)
     started = set(earlier)
     left = len(futures)
+    cancelled: set[int] = set()
     while left:
         try:
             finished = [done.get(timeout=_POLL_S)]
         except queue.Empty:
             finished = []
+        if run_dir.stop.is_set() and not cancelled:
+            cancelled = _cancel_queued(futures, started | set(finished), run_dir, k)
         for path in run_dir.round_dir(k).glob(".pid-*"):
             i = int(path.name.rsplit("-", 1)[1])
             info = read_pid_file(path)
@@ -72,7 +75,13 @@ def _gather(run_dir: RunDir, k: int, futures: list, candidates: list[dict], watc
                                                         "worker": info.get("worker")}, candidates[i])
         for i in finished:
             left -= 1
-            record = futures[i].result()
+            try:
+                record = futures[i].result()
+            except Exception:
+                if i not in cancelled:
+                    raise
+                record = {"round": k, "candidate": i, "params": candidates[i], "outcome": "interrupted",
+                          "score": None, "error": "cancelled before launch"}
             records[i] = record
             if i in earlier:
                 continue
@@ -89,6 +98,21 @@ def _gather(run_dir: RunDir, k: int, futures: list, candidates: list[dict], watc
                 print(crash_warning(record), flush=True)
             watchers.notify("trial_finished", record)
     return records
+
+
+def _cancel_queued(futures: list, started: set[int], run_dir: RunDir, k: int) -> set[int]:
+    """After a stop: cancel the task of every trial not yet started (on Dask, a queued future
+    leaves the scheduler's queue). One that starts anyway sees the stop file and launches
+    nothing. Returns the candidates whose futures were cancelled."""
+    running = {int(p.name.rsplit("-", 1)[1]) for p in run_dir.round_dir(k).glob(".pid-*")}
+    cancelled = set()
+    for i, future in enumerate(futures):
+        wrapped = getattr(future, "wrapped_future", None)
+        if i in started or i in running or wrapped is None or wrapped.done():
+            continue
+        if wrapped.cancel() is not False:
+            cancelled.add(i)
+    return cancelled
 
 
 def _asking_for(resources: dict | None):

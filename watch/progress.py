@@ -1,4 +1,4 @@
-"""Live progress of a search in the terminal: a watcher (see ``watch.registry``).
+"""Live progress of a search in the terminal: a watcher (see ``watch.watchers``).
 
 On a terminal it draws a small rich ``Live`` panel below the normal output: round k of N,
 trials running / done / failed (this round and in total), the best score so far with its

@@ -1,6 +1,6 @@
 """VisualDL logs of a search in ``OUTPUT/visualization``: ``visualdl --logdir OUTPUT/visualization``.
 
-A watcher (see ``watch.registry``) that writes, after each told round k (step = k):
+A watcher (see ``watch.watchers``) that writes, after each told round k (step = k):
 
 ```
 visualization/                      main run, as the original
