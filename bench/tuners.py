@@ -35,8 +35,10 @@ with 200 trials of history (no objective), in memory and through a JSON state ro
 (what the pipeline does each round).
 
 Size: the full run is 100 seeds x 14 synthetic problems x 2 budgets x 6 methods plus 20 seeds
-x 2 real tasks x 2 budgets x 6 methods; on one 2-GHz core about 20 min for the synthetic
-problems and about 65 min for the real tasks (at 8x25, 200 trainings of ~30 ms per run).
+x 2 real tasks x 2 budgets x 6 methods, 19 680 jobs. Measured on one core of a shared 2-core
+machine (nice 15): synthetic 5x10 5 min, real 5x10 7.5 min, synthetic 8x25 ~38 min (the two
+TPEs, ~0.6 s a run), real 8x25 ~8 min per 5 seeds (~32 min for 20): about 80 min in all.
+Split it with --first-seed and --raw, and join the pieces with --from-raw.
 """
 
 from __future__ import annotations
@@ -667,7 +669,9 @@ def _tie(p: float) -> bool:
 
 def _diagnosis(target: str, problem: str) -> list[str]:
     note = DIAGNOSES.get((target, problem))
-    return [f"- {problem}: {note}"] if note else []
+    if not note:
+        return []
+    return [f"- {note}"] if problem == "*" else [f"- {problem}: {note}"]
 
 
 def _targets(grouped, keys, default: str | None) -> list[str]:
@@ -749,6 +753,8 @@ def _targets(grouped, keys, default: str | None) -> list[str]:
         rows.append(f"| {problem.name} | {key[1]}×{key[2]} | {_fmt(d.median, problem)} | "
                     f"{_fmt(t.median, problem)} | {_fmt_p(p)} | {label}{' (real, 5×10)' if is_real else ''} |")
     if n:
+        if not (n_ok * 3 >= n * 2 and real_ok):
+            notes += _diagnosis("tpe", "*")
         out += [f"| problem | budget | {default} | Optuna TPE | p | |", "|---|---|---:|---:|---:|---|", *rows, "",
                 f"No worse in {n_ok} of {n} cells ({n_ok / n:.0%}; target ≥ 67%): {verdict(n_ok * 3 >= n * 2)}; "
                 f"of the {n - n_ok} cells behind, {n_ties} are within noise (p ≥ 0.05). "
@@ -846,6 +852,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_raw:
         results = [_from_json(line) for path in args.from_raw for line in path.read_text().splitlines() if line]
         results = list({dataclasses.astuple(r["job"]): r for r in results}.values())  # a job once
+        if args.problems:
+            results = [r for r in results if r["job"].problem in args.problems]
+        if args.budgets:
+            results = [r for r in results if (r["job"].popsize, r["job"].rounds) in args.budgets]
         if args.methods:
             results = [r for r in results if r["job"].method in methods]
         else:

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, SCRIPTS, free_port, pid_alive, stop_group
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dask")]
+pytestmark = pytest.mark.slow
 
 DASK = str(Path(sys.executable).parent / "dask")
 HPARAM = ("param_list:\n"
@@ -182,7 +182,7 @@ def test_sigterm_stops_the_trials_on_the_workers_and_the_search_resumes(cluster,
     assert [r["outcome"] for r in records(work / "run")] == ["ok"] * 3
 
 
-def test_a_worker_killed_mid_trial_loses_the_trial_which_reruns_on_another(work, prefect_server, tmp_path):
+def test_a_lost_worker_reruns_its_trial_elsewhere_and_a_lost_scheduler_stops_the_search(work, prefect_server, tmp_path):
     own = Cluster(tmp_path, prefect_server)
     try:
         own.add_worker("0")
@@ -206,8 +206,29 @@ def test_a_worker_killed_mid_trial_loses_the_trial_which_reruns_on_another(work,
         assert any("was lost; running it again (attempt 2)" in m for m in task_logs(prefect_server, "train-r0-c1"))
         assert f"[autofinetune] r0c1: Dask worker(s) {victim['worker']} died while running it; it ran again on " \
                f"{rerun['worker']}" in log
+
+        # Then the scheduler itself goes away mid-round: exit 130 with the resume hint, and
+        # the search resumes elsewhere (here on local slots).
+        args = ["--output-dir", "run2", "--popsize", "2", "--round", "1", "--evaluator", "fulltrail"]
+        proc = cli(work, prefect_server, "--dask-address", own.address, *args, "sleep", "30", wait=False)
+        deadline = time.monotonic() + 120
+        while not list((work / "run2").glob("round0/.pid-*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        gone = time.monotonic()
+        os.killpg(own.scheduler.pid, signal.SIGKILL)
+        code, log = finish(proc, timeout=120)
+        assert code == 130, log[-4000:]
+        assert time.monotonic() - gone < 60
+        assert "the Dask scheduler went away" in log and "Re-run the same command" in log
     finally:
         own.close()
+    deadline = time.monotonic() + 15
+    while trial_processes(work) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert trial_processes(work) == []
+    code, log = cli(work, prefect_server, "--cpu-slots", "2", *args)
+    assert code == 0, log[-4000:]
+    assert [r["outcome"] for r in records(work / "run2")] == ["ok", "ok"]
 
 
 def test_a_worker_that_does_not_share_the_run_dir_is_refused_before_any_trial(work, prefect_server, tmp_path):
@@ -263,30 +284,3 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
-
-
-def test_a_scheduler_that_goes_away_stops_the_search_with_the_resume_hint(work, prefect_server, tmp_path):
-    own = Cluster(tmp_path, prefect_server)
-    try:
-        own.add_worker("0")
-        own.wait_for(1)
-        args = ["--output-dir", "run", "--popsize", "2", "--round", "1", "--evaluator", "fulltrail"]
-        proc = cli(work, prefect_server, "--dask-address", own.address, *args, "sleep", "30", wait=False)
-        deadline = time.monotonic() + 120
-        while not list((work / "run").glob("round0/.pid-*")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        gone = time.monotonic()
-        os.killpg(own.scheduler.pid, signal.SIGKILL)
-        code, log = finish(proc, timeout=120)
-        assert code == 130, log[-4000:]
-        assert time.monotonic() - gone < 60
-        assert "the Dask scheduler went away" in log and "Re-run the same command" in log
-    finally:
-        own.close()
-    deadline = time.monotonic() + 15
-    while trial_processes(work) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert trial_processes(work) == []
-    code, log = cli(work, prefect_server, "--cpu-slots", "2", *args)  # resumed here, on local slots
-    assert code == 0, log[-4000:]
-    assert [r["outcome"] for r in records(work / "run")] == ["ok", "ok"]
