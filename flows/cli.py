@@ -22,7 +22,7 @@ from pathlib import Path
 from flows import signals
 from runtime.options import add_arguments
 from runtime.rundir import RunDir, RunDirBusy, StopMarker
-from runtime.search import SearchInterrupted, check_resume
+from runtime.search import SearchInterrupted, check_resume, load_tuner
 from runtime.settings import resolve_settings, split_script_and_extras
 
 __all__ = ["main", "build_parser", "PREFECT_DEFAULTS"]
@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         state = run_dir.read_state()
         if state is not None:
             check_resume(state, settings.search, run_dir.state_path)
+            try:
+                load_tuner(state)  # a damaged tuner state is refused here too, not mid-search
+            except ValueError as exc:
+                raise ValueError(f"{run_dir.state_path}: field 'tuner': {exc}; restore the file from "
+                                 "a backup, or start over with a new --output-dir") from None
             with run_dir.lock():  # refuse a second live search before Prefect even starts
                 run_dir.stop.clear()  # a stale stop of an earlier run
     except (ValueError, RunDirBusy) as exc:  # SettingsError, SearchSpaceError, RunStateError, ...

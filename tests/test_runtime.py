@@ -97,6 +97,24 @@ def test_missing_unknown_and_mistyped_fields_are_named(toy):
         run_dir.read_state()
 
 
+def test_the_cli_refuses_a_damaged_tuner_state_before_prefect_starts(toy, capsys):
+    from flows.cli import main
+
+    run_dir, state = fresh_run(toy)
+    state.tuner["surplus"] = 1
+    run_dir.write_state(state)
+    before = run_dir.state_path.read_text()
+    os.chdir(toy)
+    try:
+        code = main(["train.py", "--output-dir", "out", "--seed", "3"])
+    finally:
+        os.chdir(ROOT)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"autofinetune: error: {run_dir.state_path}: field 'tuner': ") and "surplus" in err
+    assert run_dir.state_path.read_text() == before
+
+
 def test_the_cli_refuses_a_damaged_state_with_exit_2_and_touches_nothing(toy, capsys):
     from flows.cli import main
 
