@@ -137,7 +137,7 @@ def run_candidate(run_dir: RunDir, k: int, i: int, params: dict, parent: Parent 
                   "error": f"its Dask worker died {len(lost)} times ({', '.join(l['worker'] or '?' for l in lost)})",
                   "exit_code": None, "attempts": len(lost), "retried_after": ["worker_lost"] * (len(lost) - 1),
                   "saved_params_dir": spec.saved_params_dir, "model_path": spec.model_path,
-                  "parent": spec.parent, "log": spec.log_path}
+                  "parent": spec.parent, "log": spec.log_path, "slot": None, "gpu": None, "worker": None}
     else:
         stop = run_dir.stop
         try:

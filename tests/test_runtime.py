@@ -488,3 +488,24 @@ def test_a_slot_describes_where_it_is():
     assert Slot(index=0, gpu="1,2,0", worker="tcp://h:1").describe() == "gpu 1,2,0 of worker tcp://h:1"
     assert Slot(index=0, gpu="1,2,0", worker="tcp://h:1").lock_name == "gpu-1.0.lock"
     assert Slot(index=0, gpu=None, worker="tcp://h:1").describe() == "worker tcp://h:1"
+
+
+def test_a_trial_whose_workers_keep_dying_is_recorded_worker_lost_after_one_retry(toy):
+    import logging
+
+    from runtime.atomic_files import write_json_atomic
+    from runtime.search import run_candidate
+    from runtime.slots import SlotPool
+
+    run_dir, _ = fresh_run(toy, popsize=1)
+    run_dir.round_dir(0).mkdir()
+    write_json_atomic(run_dir.lost_path(0, 0), [{"worker": "tcp://w1:1", "host": "elsewhere"}])
+    run_dir.pid_path(0, 0).write_text(json.dumps({"pid": 1, "start": "0", "host": "elsewhere",
+                                                  "worker": "tcp://w2:1"}))  # the second loss
+    pool = SlotPool([Slot(index=0, gpu=None)])
+    record = run_candidate(run_dir, 0, 0, {"x": 0.0, "n": 1}, None, pool, logging.getLogger("test"))
+    assert record["outcome"] == "worker_lost" and record["lost_workers"] == ["tcp://w1:1", "tcp://w2:1"]
+    assert record["error"] == "its Dask worker died 2 times (tcp://w1:1, tcp://w2:1)"
+    assert json.loads(run_dir.trial_path(0, 0).read_text()) == record
+    assert not run_dir.pid_path(0, 0).exists() and not run_dir.lost_path(0, 0).exists()
+    assert not (run_dir.round_dir(0) / "log-0.info").exists()  # nothing was launched
