@@ -100,14 +100,15 @@ def finished_trial(run_dir: RunDir, k: int, i: int) -> dict | None:
 def trial_spec(run_dir: RunDir, state: RunState, k: int, i: int, params: dict,
                parent: Parent | None = None) -> TrialSpec:
     """What trial (k, i) runs: its argv parts and files. Population-Based children get
-    ``--model_path`` and ``--epochs=<pbt_epochs>`` (unless an ``epochs`` extra is forwarded)."""
+    ``--model_path`` and ``--epochs=<pbt_epochs>``, unless an ``epochs`` extra is forwarded or
+    ``epochs`` is itself searched (then it is the searched value, never overridden)."""
     run = state.run
     space = SearchSpace.from_dict(state.search.space)
     extras = [list(kv) for kv in run.extras]
     model_path = None
     if parent is not None:
         model_path = parent.model_path
-        if run.pbt_epochs and not any(key == "epochs" for key, _ in extras):
+        if run.pbt_epochs and "epochs" not in space.names and not any(key == "epochs" for key, _ in extras):
             extras.insert(0, ["epochs", str(run.pbt_epochs)])  # a forwarded epochs extra wins
     return TrialSpec(
         round=k, candidate=i, params=params,

@@ -48,7 +48,11 @@ def split_script_and_extras(words: list[str]) -> tuple[str, list[str]]:
     return "train.py", list(words)
 
 
-def _parse_extras(words: list[str]) -> list[list[str]]:
+RESERVED_FLAGS = ("saved_params_dir", "model_path")  # the CLI passes these to every trial
+
+
+def _parse_extras(words: list[str], searched: tuple[str, ...] = (), param_file: str = "hparam.yaml"
+                  ) -> list[list[str]]:
     if len(words) % 2:
         raise SettingsError(
             f"extra arguments must come in KEY VALUE pairs, got {len(words)} words {words!r}; "
@@ -58,6 +62,13 @@ def _parse_extras(words: list[str]) -> list[list[str]]:
         if not _FLAG_NAME.match(key):
             raise SettingsError(f"extra argument key {key!r} cannot be a flag name: use letters, "
                                 "digits, '_' or '-' without leading dashes (it becomes --KEY=VALUE)")
+        if key in searched:
+            raise SettingsError(f"extra argument {key!r} names a hyperparameter searched in {param_file}; "
+                                f"forwarding it would override the searched value: drop '{key} ...' or "
+                                "take it out of the search space")
+        if key in RESERVED_FLAGS:
+            raise SettingsError(f"extra argument {key!r} is set by autofinetune for every trial "
+                                f"(--{key}=<dir>); drop it from the extra arguments")
     return pairs
 
 
@@ -80,7 +91,7 @@ def resolve_settings(values: dict | None = None, *, started: datetime | None = N
     found = shutil.which(interpreter)
     if found is None:
         raise SettingsError(f"--python {interpreter!r}: not an executable file or a command on PATH")
-    pairs = _parse_extras(o["extras"])
+    pairs = _parse_extras(o["extras"], tuple(space.names), o["param_file"])
 
     gpu = o["gpu"]
     cluster = None

@@ -189,6 +189,10 @@ def test_settings_are_typed_and_normalized(toy):
     ({"extras": ["--lr", "1"]}, "extra argument key '--lr' cannot be a flag name"),
     ({"python": "/no/python"}, "--python '/no/python': not an executable"),
     ({"output_root": "nightly"}, "give either --output-dir"),
+    ({"extras": ["x", "5"]}, "extra argument 'x' names a hyperparameter searched in hparam.yaml; forwarding it "
+                             "would override the searched value"),
+    ({"extras": ["model_path", "/m"]}, "extra argument 'model_path' is set by autofinetune for every trial"),
+    ({"extras": ["echo", "1", "saved_params_dir", "/d"]}, "extra argument 'saved_params_dir' is set by"),
 ])
 def test_bad_settings_are_refused_before_anything_is_created(toy, options, says):
     with pytest.raises(SettingsError, match=None) as err:
@@ -365,6 +369,17 @@ def test_pbt_children_get_model_path_and_epochs_unless_an_epochs_extra_is_forwar
         assert spec.flags == [["x", "0.5"], ["n", "2"]]
         assert spec.model_path == (par.model_path if par else None)
         assert [e for e in spec.extras if e[0] == "epochs"] == ([epochs] if epochs else []), options
+
+
+def test_a_searched_epochs_is_never_overridden_by_pbt(toy):
+    (toy / "hparam.yaml").write_text(
+        "param_list:\n  - name: epochs\n    init_value: 3\n    type: int\n    greater_than: 1\n"
+        "    lower_than: 9\n")
+    settings = settings_for(toy, pbt_epochs=1)
+    state = new_state(settings.search, 2, settings.run)
+    parent = Parent(name="round0/model-0", model_path="/m0", round=0, candidate=0, score=0.5)
+    spec = trial_spec(RunDir(toy / "out"), state, 1, 0, {"epochs": 7}, parent)
+    assert spec.flags == [["epochs", "7"]] and spec.extras == [] and spec.model_path == "/m0"
 
 
 def test_propose_is_asked_once_and_tell_happens_once(toy):
