@@ -34,7 +34,7 @@ from flows.dask_runner import dask_trials
 from flows.ephemeral_server import reap_stale_server, record_ephemeral_server
 from flows.search_round import WATCHERS, search_round
 from runtime.rundir import RunDir
-from runtime.search import SearchInterrupted, check_resume, new_state, record_best
+from runtime.search import SearchInterrupted, check_resume, check_rounds_on_disk, new_state, record_best
 from runtime.settings import Settings, fresh_seed, resolve_settings
 from runtime.slots import SlotPool
 from runtime.trial import reap_orphans
@@ -150,6 +150,7 @@ def _run_search(run_dir: RunDir, settings: Settings, watchers: Watchers) -> dict
             state = new_state(search, settings.rounds, run)
         else:
             check_resume(state, settings.search, run_dir.state_path)
+            check_rounds_on_disk(run_dir, state)
             print(f"Resuming the search in {run_dir.path} at round {state.next_round}.", flush=True)
             state.rounds, state.run = settings.rounds, run  # --round may extend a search
         run_dir.write_state(state)

@@ -22,7 +22,7 @@ from pathlib import Path
 from flows import signals
 from runtime.options import add_arguments
 from runtime.rundir import RunDir, RunDirBusy, StopMarker
-from runtime.search import SearchInterrupted, check_resume, load_tuner
+from runtime.search import SearchInterrupted, check_resume, check_rounds_on_disk, load_tuner
 from runtime.settings import resolve_settings, split_script_and_extras
 
 __all__ = ["main", "build_parser", "PREFECT_DEFAULTS"]
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         state = run_dir.read_state()
         if state is not None:
             check_resume(state, settings.search, run_dir.state_path)
+            check_rounds_on_disk(run_dir, state)
             try:
                 load_tuner(state)  # a damaged tuner state is refused here too, not mid-search
             except ValueError as exc:

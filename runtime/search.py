@@ -20,7 +20,8 @@ from runtime.atomic_files import read_json, write_json_atomic
 from runtime.trial import FINAL_OUTCOMES, TrialSpec, crash_warning, log_tail, reap_one, run_trial
 from tuners import SearchSpace, make_tuner
 
-__all__ = ["SearchMismatchError", "SearchInterrupted", "new_state", "check_resume", "propose",
+__all__ = ["SearchMismatchError", "SearchInterrupted", "new_state", "check_resume", "check_rounds_on_disk",
+           "propose",
            "trial_spec", "finished_trial", "run_candidate", "tell_round", "record_best", "load_tuner", "plan_next_parents",
            "parents_for"]
 
@@ -60,6 +61,18 @@ def check_resume(state: RunState, search: SearchKey, state_path: Path) -> None:
         raise SearchMismatchError(
             f"{state_path.parent}: holds a different search ({'; '.join(diffs)}); "
             "resume with the original settings or choose a new --output-dir")
+
+
+def check_rounds_on_disk(run_dir: RunDir, state: RunState) -> None:
+    """Refuse to resume a run dir that lost records of rounds the tuner was already told:
+    going on would drop those results silently (and could replace best_model/ by a worse one)."""
+    missing = [f"round{k}/trial-{i}.json" for k in range(state.next_round) for i in range(state.search.popsize)
+               if not run_dir.trial_path(k, i).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise SearchMismatchError(
+            f"{run_dir.path}: {shown} of finished rounds are missing; the run dir is the record of the "
+            "search: restore them from a backup, or start over with a new --output-dir")
 
 
 def _space_diff(old: dict, new: dict) -> str:

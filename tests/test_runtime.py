@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import shutil
 import json
 import os
 import signal
@@ -404,6 +405,33 @@ def test_propose_is_asked_once_and_tell_happens_once(toy):
     assert best["candidate"] == 1 and run_dir.read_state().best == BestTrial(round=0, candidate=1, score=0.1)
     with pytest.raises(ValueError, match="expected the records of candidates 0..1 in order"):
         tell_round(run_dir, 1, records[::-1])
+
+
+def test_a_run_dir_that_lost_a_finished_round_is_refused_and_left_alone(toy, capsys):
+    from flows.cli import main
+
+    from runtime.search import check_rounds_on_disk
+
+    run_dir, state = fresh_run(toy, popsize=2)
+    for k in range(2):
+        run_dir.round_dir(k).mkdir()
+        for i in range(2):
+            run_dir.write_trial({"round": k, "candidate": i, "params": {"x": 0.0, "n": 1}, "score": 0.1,
+                                 "outcome": "ok", "saved_params_dir": "/m", "parent": None})
+    state.next_round = 2
+    run_dir.write_state(state)
+    check_rounds_on_disk(run_dir, state)  # complete: fine
+    shutil.rmtree(run_dir.round_dir(1))
+    os.chdir(toy)
+    try:
+        code = main(["train.py", "--output-dir", "out", "--popsize", "2", "--round", "4"])
+    finally:
+        os.chdir(ROOT)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (f"autofinetune: error: {run_dir.path}: round1/trial-0.json, round1/trial-1.json "
+                                 "of finished rounds are missing; the run dir is the record of the search: "
+                                 "restore them from a backup, or start over with a new --output-dir")
+    assert run_dir.read_state() == state and not run_dir.round_dir(1).exists()
 
 
 def test_a_resume_with_another_search_says_what_differs(toy):
