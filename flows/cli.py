@@ -87,6 +87,18 @@ def _start_embedded_api() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def _claim(path: Path) -> Path | None:
+    """Create ``path`` (or ``path-2``, ``-3``, ...) exclusively; None when none is free."""
+    for n in range(1, 100):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    return None
+
+
 def _error(exc: Exception) -> int:
     print(f"autofinetune: error: {exc}", file=sys.stderr)
     return 2
@@ -111,7 +123,15 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir.stop.clear()  # a stale stop of an earlier run
     except (ValueError, RunDirBusy) as exc:  # SettingsError, SearchSpaceError, RunStateError, ...
         return _error(exc)
-    args.update(output_dir=str(settings.output_dir), cwd=str(Path.cwd()))
+    claimed = None
+    if not args.get("output_dir"):  # the default output_<stamp>: claim it now, so that a search
+        claimed = _claim(settings.output_dir)  # started in the same second takes another name
+        if claimed is None:
+            return _error(ValueError(f"--output-dir {settings.output_dir}: taken by another search "
+                                     "started at the same moment; run again"))
+    out = claimed or settings.output_dir
+    run_dir = RunDir(out)
+    args.update(output_dir=str(out), cwd=str(Path.cwd()))
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
     handler = _StopHandler(run_dir.stop)
@@ -129,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dir.stop.set()
             raise SearchInterrupted("stopped by SIGTERM") from None
     except SearchInterrupted:
-        print(f"autofinetune: stopped; state is saved in {settings.output_dir}. Re-run the same "
-              f"command with --output-dir {settings.output_dir} to resume.", file=sys.stderr, flush=True)
+        print(f"autofinetune: stopped; state is saved in {out}. Re-run the same "
+              f"command with --output-dir {out} to resume.", file=sys.stderr, flush=True)
         return 130
     except (ValueError, RunDirBusy) as exc:  # e.g. a run dir taken between the check and the start
         return _error(exc)
@@ -138,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         signals.unregister(previous)
         if handler.requested:
             run_dir.stop.clear()  # the stop is served; a re-run resumes
+        if claimed is not None and claimed.is_dir() and not any(claimed.iterdir()):
+            claimed.rmdir()  # claimed, but the search never started
     return 0 if summary["best_score"] is not None else 1
 
 

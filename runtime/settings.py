@@ -116,6 +116,10 @@ def resolve_settings(values: dict | None = None, *, started: datetime | None = N
                             "under it per run), not both")
     stamp = f"output_{(started or datetime.now()):%Y%m%d%H%M%S}"
     out = cwd_path / (o["output_dir"] or Path(o["output_root"] or ".") / stamp)
+    if not o["output_dir"] and not o["output_root"]:  # a new run each time: never another's dir
+        n = 2
+        while out.exists():
+            out, n = cwd_path / f"{stamp}-{n}", n + 1
     if out.exists() and not out.is_dir():
         raise SettingsError(f"--output-dir {out}: exists and is not a directory; choose another path")
     ours = {".stop", ".lock", ".prefect-server"}  # what a run that failed to start may leave

@@ -152,9 +152,9 @@ def _read_score(path: Path) -> tuple[float | None, str | None]:
     try:
         score = float(text)
     except ValueError:
-        return None, f"invalid_score: {text[:80]!r} is not a number"
+        return None, f"invalid_score: reported {text[:80]!r}, which is not a number"
     if not math.isfinite(score):
-        return None, f"invalid_score: {score!r}"
+        return None, f"invalid_score: reported {score!r}, which is not a finite number"
     return score, None
 
 
@@ -215,8 +215,9 @@ def _run_once(spec: TrialSpec, slot: Slot, stop: StopCheck) -> dict:
     score, why = _read_score(result_path)
     result_path.unlink(missing_ok=True)
     if why is not None:
-        return {"outcome": why.split(":")[0], "exit_code": code,
-                "error": "exit 0 without report_final_result()" if why == "no_result" else why}
+        outcome, _, detail = why.partition(": ")
+        return {"outcome": outcome, "exit_code": code,
+                "error": "exit 0 without report_final_result()" if why == "no_result" else detail}
     return {"outcome": "ok", "exit_code": code, "score": score}
 
 
@@ -268,7 +269,8 @@ def crash_warning(record: dict) -> str:
 
 
 def log_tail(path: str | Path, lines: int = 20) -> str:
-    """The last ``lines`` lines of a trial log (what goes to the Prefect task log)."""
+    """The last ``lines`` lines of a trial log (what goes to the Prefect task log and so to the
+    terminal), with control characters (colour codes, cursor moves, ``\r``) shown as ``?``."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -276,5 +278,5 @@ def log_tail(path: str | Path, lines: int = 20) -> str:
             tail = deque(f.read().decode(errors="replace").splitlines(), maxlen=lines)
     except FileNotFoundError:
         return ""
-    return "\n".join(tail)
+    return "\n".join("".join(ch if ch.isprintable() or ch == "\t" else "?" for ch in line) for line in tail)
 

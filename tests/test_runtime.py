@@ -282,8 +282,8 @@ def spec_for(tmp_path, body: str, **kw) -> TrialSpec:
     ("open(R, 'w').write('0.25')", "ok", None),
     ("open(R, 'w').write('0.25'); sys.exit(3)", "crashed", "exit status 3"),
     ("pass", "no_result", "exit 0 without report_final_result()"),
-    ("open(R, 'w').write('nan')", "invalid_score", "invalid_score: nan"),
-    ("open(R, 'w').write('high')", "invalid_score", "invalid_score: 'high' is not a number"),
+    ("open(R, 'w').write('nan')", "invalid_score", "reported nan, which is not a finite number"),
+    ("open(R, 'w').write('high')", "invalid_score", "reported 'high', which is not a number"),
     ("os.kill(os.getpid(), signal.SIGKILL)", "killed", "killed by signal SIGKILL"),
 ])
 def test_each_way_a_trial_ends_is_its_own_outcome(tmp_path, body, outcome, error):
@@ -552,3 +552,22 @@ def test_a_trial_whose_workers_keep_dying_is_recorded_worker_lost_after_one_retr
     assert json.loads(run_dir.trial_path(0, 0).read_text()) == record
     assert not run_dir.pid_path(0, 0).exists() and not run_dir.lost_path(0, 0).exists()
     assert not (run_dir.round_dir(0) / "log-0.info").exists()  # nothing was launched
+
+
+def test_a_log_tail_never_carries_control_characters_to_the_terminal(tmp_path):
+    from runtime.trial import log_tail
+
+    (tmp_path / "log").write_bytes(b"epoch 1\x1b[31m red\x1b[0m\rdone\tok\nlast\x07\n")
+    assert log_tail(tmp_path / "log") == "epoch 1?[31m red?[0m\ndone\tok\nlast?"  # \r ends a line too
+
+
+def test_the_default_run_dir_is_never_an_existing_one(toy):
+    from datetime import datetime
+
+    started = datetime(2026, 11, 30, 12, 0, 0)
+    first = resolve_settings(cwd=str(toy), started=started).output_dir
+    assert first == toy / "output_20261130120000"
+    first.mkdir()  # another search started in the same second
+    assert resolve_settings(cwd=str(toy), started=started).output_dir == toy / "output_20261130120000-2"
+    scheduled = resolve_settings(cwd=str(toy), output_root="nightly", started=started).output_dir
+    assert scheduled == toy / "nightly" / "output_20261130120000"  # a retry resumes its slot's dir
