@@ -1,7 +1,7 @@
 """The top flow ``autofinetune``; ``python -m flows.autofinetune`` runs the CLI (``flows.cli``).
 
     python -m flows.autofinetune train.py --param-file hparam.yaml --gpu 0,1 \\
-        --popsize 5 --round 10 --evaluator fulltrail --tuning-strategy pshe2 [KEY VALUE ...]
+        --popsize 5 --round 10 --evaluator fulltrail --tuning-strategy hazero [KEY VALUE ...]
 
 The flow validates everything first, prepares (or resumes) the run directory, then runs
 one ``search_round`` subflow per round and writes the final summary. A deployment calls
@@ -69,7 +69,7 @@ def _run_created() -> datetime | None:
 @flow(name="autofinetune", flow_run_name=_flow_run_name)
 def autofinetune(script: str = "train.py", param_file: str = "hparam.yaml", gpu: str | None = None,
                  popsize: int = 5, rounds: int = 10, output_dir: str | None = None,
-                 evaluator: str = "populationbased", tuning_strategy: str = "pshe2",
+                 evaluator: str = "populationbased", tuning_strategy: str = "hazero",
                  seed: int | None = None, trial_timeout: float | None = None,
                  trials_per_gpu: int = 1, cpu_slots: int = 1, python: str | None = None,
                  trial_retries: int = 0, pbt_epochs: int = 1, keep_checkpoints: str = "all",

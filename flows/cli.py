@@ -1,7 +1,7 @@
 """The command line: ``python -m flows.autofinetune`` (also ``autofinetune``).
 
     python -m flows.autofinetune train.py --param-file hparam.yaml --gpu 0,1 \\
-        --popsize 5 --round 10 --evaluator fulltrail --tuning-strategy pshe2 [KEY VALUE ...]
+        --popsize 5 --round 10 --evaluator fulltrail --tuning-strategy hazero [KEY VALUE ...]
 
 Parses the options (declared once, in ``runtime.options``), checks every input before
 Prefect is even imported (``--help`` and a bad input answer in well under a second), sets

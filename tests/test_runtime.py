@@ -436,10 +436,10 @@ def test_a_run_dir_that_lost_a_finished_round_is_refused_and_left_alone(toy, cap
 
 def test_a_resume_with_another_search_says_what_differs(toy):
     run_dir, state = fresh_run(toy)
-    other = settings_for(toy, popsize=4, tuning_strategy="hazero").search
+    other = settings_for(toy, popsize=4, tuning_strategy="pshe2").search
     with pytest.raises(SearchMismatchError) as err:
         check_resume(state, other, run_dir.state_path)
-    assert "--tuning-strategy was pshe2, now hazero; --popsize was 5, now 4" in str(err.value)
+    assert "--tuning-strategy was hazero, now pshe2; --popsize was 5, now 4" in str(err.value)
     check_resume(state, dataclasses.replace(state.search, seed=None), run_dir.state_path)  # seed omitted: fine
 
 
