@@ -165,6 +165,7 @@ def test_argparse_is_derived_from_the_options():
     ({"tuning_strategy": "grid"}, "--tuning-strategy 'grid' is not one of"),
     ({"seed": SEED_LIMIT}, "--seed must be an integer in [0, 2**32)"),
     ({"trial_timeout": 0}, "--trial-timeout must be a positive number of seconds"),
+    ({"trial_timeout": float("inf")}, "--trial-timeout must be a positive number of seconds, got inf"),
     ({"keep_checkpoints": "some"}, "--keep-checkpoints 'some' is not one of all, needed"),
     ({"extras": "lr 5"}, "extras must be a list of words"),
     ({"colour": "red"}, "unknown option(s) colour"),
