@@ -140,8 +140,8 @@ def current_watchers() -> Watchers:
 def search_round(output_dir: str, k: int, names: list[str], placement: Any) -> list[dict]:
     """Round k. ``placement`` hands out slots (``runtime.slots.Placement``: the flow process's
     slot pool, or a Dask worker's GPU); the watchers are the caller's ``WATCHERS``."""
-    signals.reassert()
-    watchers = current_watchers()  # the CLI's Ctrl-C/SIGTERM handler, over the one Prefect just installed
+    signals.reassert()  # the CLI's Ctrl-C/SIGTERM handler, over the one Prefect just installed
+    watchers = current_watchers()
     run_dir = RunDir(output_dir)
     candidates = propose_candidates(output_dir, k)
     parents = parents_for(run_dir.read_state(), k)
