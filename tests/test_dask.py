@@ -232,8 +232,9 @@ def test_a_lost_worker_reruns_its_trial_elsewhere_and_a_lost_scheduler_stops_the
 
 
 def test_a_worker_that_does_not_share_the_run_dir_is_refused_before_any_trial(work, prefect_server, tmp_path):
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare(1) to give a worker a private view of the run dir's parent")
+    probe = ["unshare", "-m", "--propagation", "private", "sh", "-c", f'mount -t tmpfs none "{tmp_path}"']
+    if os.geteuid() != 0 or shutil.which("unshare") is None or subprocess.run(probe).returncode != 0:
+        pytest.skip("needs root and a working unshare(1) to give a worker a private view of the run dir's parent")
     own = Cluster(tmp_path, prefect_server)
     try:
         own.add_worker("0")
