@@ -33,7 +33,7 @@ from flows.artifacts import PrefectArtifacts
 from flows.dask_runner import dask_trials
 from flows.ephemeral_server import reap_stale_server, record_ephemeral_server
 from flows.search_round import WATCHERS, search_round
-from runtime.rundir import RunDir
+from runtime.rundir import START_FILES, RunDir
 from runtime.search import SearchInterrupted, check_resume, check_rounds_on_disk, new_state, record_best
 from runtime.settings import Settings, fresh_seed, resolve_settings
 from runtime.slots import SlotPool
@@ -103,7 +103,7 @@ def autofinetune(script: str = "train.py", param_file: str = "hparam.yaml", gpu:
             if created:
                 shutil.rmtree(run_dir.path, ignore_errors=True)
             else:  # the user's own (empty) dir: only what this run put there
-                for name in (".lock", ".prefect-server", ".stop"):
+                for name in START_FILES:
                     (run_dir.path / name).unlink(missing_ok=True)
         raise
     return summary

@@ -64,10 +64,10 @@ def _gather(run_dir: RunDir, k: int, futures: list, candidates: list[dict], watc
             finished = [done.get(timeout=_POLL_S)]
         except queue.Empty:
             finished = []
+        pid_files = {int(p.name.rsplit("-", 1)[1]): p for p in run_dir.round_dir(k).glob(".pid-*")}
         if run_dir.stop.is_set() and not cancelled:
-            cancelled = _cancel_queued(futures, started | set(finished), run_dir, k)
-        for path in run_dir.round_dir(k).glob(".pid-*"):
-            i = int(path.name.rsplit("-", 1)[1])
+            cancelled = _cancel_queued(futures, started | set(finished) | set(pid_files))
+        for i, path in pid_files.items():
             info = read_pid_file(path)
             if i not in started and info is not None and i < len(futures):
                 started.add(i)
@@ -100,15 +100,14 @@ def _gather(run_dir: RunDir, k: int, futures: list, candidates: list[dict], watc
     return records
 
 
-def _cancel_queued(futures: list, started: set[int], run_dir: RunDir, k: int) -> set[int]:
+def _cancel_queued(futures: list, started: set[int]) -> set[int]:
     """After a stop: cancel the task of every trial not yet started (on Dask, a queued future
     leaves the scheduler's queue). One that starts anyway sees the stop file and launches
     nothing. Returns the candidates whose futures were cancelled."""
-    running = {int(p.name.rsplit("-", 1)[1]) for p in run_dir.round_dir(k).glob(".pid-*")}
     cancelled = set()
     for i, future in enumerate(futures):
         wrapped = getattr(future, "wrapped_future", None)
-        if i in started or i in running or wrapped is None or wrapped.done():
+        if i in started or wrapped is None or wrapped.done():
             continue
         if wrapped.cancel() is not False:
             cancelled.add(i)

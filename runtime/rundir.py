@@ -29,7 +29,10 @@ from runtime.atomic_files import fsync_dir, read_json, write_json_atomic, write_
 from runtime.kill_points import kill_point
 from runtime.state import RunState
 
-__all__ = ["RunDir", "RunDirBusy", "StopMarker", "trial_rank_key"]
+__all__ = ["RunDir", "RunDirBusy", "StopMarker", "trial_rank_key", "START_FILES"]
+
+# What a run puts in its dir before state.json exists (so a run that failed to start may leave them).
+START_FILES = (".lock", ".prefect-server", ".stop")
 
 _FINAL_BEST_HEADER = "The final best hyperparameters:"
 
@@ -128,7 +131,8 @@ class RunDir:
         return self.round_dir(k) / f".result-{i}"
 
     def pid_path(self, k: int, i: int) -> Path:
-        """``<pid> <start time>`` of trial i's running process group (removed when it ends)."""
+        """JSON ``{pid, start, host, slot, gpu, worker}`` of trial i's running process group
+        (removed when it ends; ``runtime.trial.read_pid_file``)."""
         return self.round_dir(k) / f".pid-{i}"
 
     def lost_path(self, k: int, i: int) -> Path:

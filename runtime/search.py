@@ -193,7 +193,7 @@ def _worker_losses(run_dir: RunDir, k: int, i: int, logger) -> list[dict]:
     lost = read_json(run_dir.lost_path(k, i)) or []
     pid_path = run_dir.pid_path(k, i)
     if pid_path.exists():
-        info = reap_one(pid_path) or {}
+        info = reap_one(pid_path)[0] or {}
         lost.append({"worker": info.get("worker"), "host": info.get("host")})
         write_json_atomic(run_dir.lost_path(k, i), lost)
         logger.warning("the worker %s running this trial was lost; running it again (attempt %d)",

@@ -18,6 +18,7 @@ from pathlib import Path
 from runtime.cluster import DaskCluster
 from runtime.gpus import detect_gpus, parse_gpu_list
 from runtime.options import SEED_LIMIT, OptionError, check_all
+from runtime.rundir import START_FILES
 from runtime.slots import Slot, make_slots
 from runtime.state import RunOptions, SearchKey
 from tuners import SearchSpace
@@ -122,8 +123,8 @@ def resolve_settings(values: dict | None = None, *, started: datetime | None = N
             out, n = cwd_path / f"{stamp}-{n}", n + 1
     if out.exists() and not out.is_dir():
         raise SettingsError(f"--output-dir {out}: exists and is not a directory; choose another path")
-    ours = {".stop", ".lock", ".prefect-server"}  # what a run that failed to start may leave
-    if out.is_dir() and any(p.name not in ours for p in out.iterdir()) and not (out / "state.json").is_file():
+    if out.is_dir() and any(p.name not in START_FILES for p in out.iterdir()) \
+            and not (out / "state.json").is_file():
         raise SettingsError(f"--output-dir {out}: not empty and not an autofinetune run directory "
                             "(no state.json); choose a new or empty directory")
     search = SearchKey(strategy=o["tuning_strategy"], evaluator=o["evaluator"], popsize=o["popsize"],

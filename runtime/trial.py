@@ -112,35 +112,29 @@ def read_pid_file(path: Path) -> dict | None:
     return info
 
 
-def reap_one(path: Path) -> dict | None:
-    """Kill the process group a pid file names if it runs on this host; remove the file.
-    Returns what the file said (None when unreadable)."""
+def reap_one(path: Path, *, keep_foreign: bool = False) -> tuple[dict | None, bool]:
+    """Kill the process group a pid file names if it still runs on this host (a pid means
+    nothing elsewhere), and remove the file, or with ``keep_foreign`` keep the file of a
+    trial on another host. Returns (what the file said or None, whether a group was killed)."""
     info = read_pid_file(path)
-    if info is not None and info.get("host", socket.gethostname()) == socket.gethostname() \
-            and process_start_time(int(info["pid"])) == str(info["start"]):
+    here = info is None or info.get("host", socket.gethostname()) == socket.gethostname()
+    killed = here and info is not None and process_start_time(int(info["pid"])) == str(info["start"])
+    if killed:
         _kill_group(int(info["pid"]), signal.SIGKILL)
-    Path(path).unlink(missing_ok=True)
-    return info
+    if here or not keep_foreign:
+        Path(path).unlink(missing_ok=True)
+    return info, killed
 
 
 def reap_orphans(pid_files: list[Path]) -> list[int]:
     """Kill the process groups of trials whose search was SIGKILLed (their pid files remain).
 
     Such an orphan would otherwise go on writing into the model dir that the resumed run
-    gives to the re-run of the same trial. Only trials started on this host are reaped (a
-    pid means nothing elsewhere). Returns the process groups killed.
+    gives to the re-run of the same trial. Only trials started on this host are reaped.
+    Returns the process groups killed.
     """
-    killed = []
-    host = socket.gethostname()
-    for path in pid_files:
-        info = read_pid_file(path)
-        if info is not None and info.get("host", host) != host:
-            continue
-        if info is not None and process_start_time(int(info["pid"])) == str(info["start"]):
-            _kill_group(int(info["pid"]), signal.SIGKILL)
-            killed.append(int(info["pid"]))
-        path.unlink(missing_ok=True)
-    return killed
+    reaped = [reap_one(path, keep_foreign=True) for path in pid_files]
+    return [int(info["pid"]) for info, killed in reaped if killed]
 
 
 def _read_score(path: Path) -> tuple[float | None, str | None]:

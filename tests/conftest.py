@@ -94,6 +94,21 @@ def toy(tmp_path):
     return tmp_path
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` in the process tree (children, grandchildren, ...)."""
+    ps = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in ps.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` is a live process (a zombie awaiting its reaper counts as gone)."""
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SCRIPTS, free_port, pid_alive, stop_group
+from conftest import ROOT, SCRIPTS, descendants, free_port, pid_alive, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -274,17 +274,3 @@ def test_a_local_cluster_listens_on_loopback_only(work, prefect_server):
     assert "dashboard http://127.0.0.1:" in log
     assert all(r["worker"].startswith("tcp://127.0.0.1:") for r in records(work / "run"))
 
-
-def descendants(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout.split("\n")[1:]
-    children: dict[int, list[int]] = {}
-    for line in out:
-        if line.strip():
-            p, pp = map(int, line.split())
-            children.setdefault(pp, []).append(p)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found

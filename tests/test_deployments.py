@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 
-from conftest import ROOT, SCRIPTS, pid_alive
+from conftest import ROOT, SCRIPTS, descendants, pid_alive
 
 # Real servers, workers and heartbeat windows: slow, and kept on one xdist worker (their
 # module fixture deploys once).
@@ -73,20 +73,6 @@ def wait_for_state(env, run_id, types: set[str], timeout: float):
             await asyncio.sleep(0.5)
 
     return client_call(env, poll)
-
-
-def descendants(pid: int) -> list[int]:
-    ps = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in ps.splitlines():
-        child, parent = map(int, line.split())
-        children.setdefault(parent, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 class Worker:
