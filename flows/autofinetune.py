@@ -25,7 +25,9 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.context import FlowRunContext
+from prefect.exceptions import CancelledRun
 from prefect.runtime import flow_run
+from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import signals
@@ -83,30 +85,41 @@ def autofinetune(script: str = "train.py", param_file: str = "hparam.yaml", gpu:
     ``output_root`` (for scheduled runs): each run writes ``output_<YYYYmmddHHMMSS>`` under
     it, dated by the flow run's schedule slot, so a retry of that run resumes the same dir.
     """
-    signals.reassert()  # the CLI's Ctrl-C/SIGTERM handler, over the one Prefect just installed
     settings = resolve_settings(dict(locals()), started=_run_created())
     run_dir = RunDir(settings.output_dir)
     created = not run_dir.path.exists()
     run_dir.path.mkdir(parents=True, exist_ok=True)
+    stopped = None
     try:
-        with run_dir.lock():  # a second live search on this dir is refused
+        with run_dir.lock(), signals.stops_search(run_dir.stop):  # a second live search is refused
             run_dir.stop.clear_stale()
             watchers = Watchers(build_watchers(run_dir, settings))
             try:
                 best = _run_search(run_dir, settings, watchers)
                 summary = _final_summary(run_dir, list(settings.space.names), best)
                 watchers.notify("search_finished", summary)
+            except SearchInterrupted as exc:
+                stopped = exc
             finally:
                 watchers.close()
     except BaseException:  # e.g. a cluster refused: a search that never started leaves nothing
-        if not run_dir.state_path.exists():
-            if created:
-                shutil.rmtree(run_dir.path, ignore_errors=True)
-            else:  # the user's own (empty) dir: only what this run put there
-                for name in START_FILES:
-                    (run_dir.path / name).unlink(missing_ok=True)
+        _remove_unstarted(run_dir, created)
         raise
+    if stopped is not None:  # Cancelled, not a Failed run with a traceback per flow
+        _remove_unstarted(run_dir, created)
+        return Cancelled(message=f"{stopped}; re-run the same command to resume")
     return summary
+
+
+def _remove_unstarted(run_dir: RunDir, created: bool) -> None:
+    """A search that never wrote its state leaves nothing behind."""
+    if run_dir.state_path.exists():
+        return
+    if created:
+        shutil.rmtree(run_dir.path, ignore_errors=True)
+    else:  # the user's own (empty) dir: only what this run put there
+        for name in START_FILES:
+            (run_dir.path / name).unlink(missing_ok=True)
 
 
 def build_watchers(run_dir: RunDir, settings: Settings) -> list:
@@ -139,6 +152,7 @@ def _run_search(run_dir: RunDir, settings: Settings, watchers: Watchers) -> dict
     # running; stop them before anything else touches the run dir.
     reap_stale_server(run_dir.path / ".prefect-server")
     reap_orphans(run_dir.pid_files())
+    run_dir.remove_temp_files()
     record_ephemeral_server(run_dir.path / ".prefect-server")
     with _trial_runner(run_dir, settings) as (runner, placement, slots, client):
         run = dataclasses.replace(settings.run, slots=slots)
@@ -178,6 +192,8 @@ def _run_search(run_dir: RunDir, settings: Settings, watchers: Watchers) -> dict
                     search_round.with_options(task_runner=runner)(out, k, names, placement)
                 finally:
                     WATCHERS.reset(token)
+            except CancelledRun as exc:
+                raise SearchInterrupted(str(exc) or f"stopped during round {k}") from None
             except Exception:
                 if client is not None and client.status != "running":
                     run_dir.stop.set()  # whatever still runs on the workers stops

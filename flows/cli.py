@@ -7,8 +7,10 @@ Parses the options (declared once, in ``runtime.options``), checks every input b
 Prefect is even imported (``--help`` and a bad input answer in well under a second), sets
 Prefect's defaults for this process, installs the Ctrl-C/SIGTERM handler and runs the
 ``autofinetune`` flow in this process. Exit status: 0 success, 1 no trial produced a score,
-2 bad input (one line; nothing was created on disk), 130 stopped by SIGINT/SIGTERM
-(re-run the same command to resume).
+2 bad input (one line; nothing was created on disk), 3 could not run (the environment
+failed: an unwritable or full disk, an unreachable or dead Prefect API; one line with the
+cause and the fix; re-run to resume), 130 stopped by SIGINT/SIGTERM or cancelled in the
+Prefect UI (re-run the same command to resume).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import sys
 from pathlib import Path
 
 from flows import signals
+from flows.environment import (EXIT_COULD_NOT_RUN, ApiWatchdog, CouldNotRun, QuietConsole, check_writable,
+                               dead_after_s, describe_failure, probe_api)
 from runtime.options import add_arguments
 from runtime.rundir import RunDir, RunDirBusy, StopMarker
 from runtime.search import SearchInterrupted, check_resume, check_rounds_on_disk, load_tuner
@@ -66,25 +70,72 @@ class _StopHandler:
               "launching no more", file=sys.stderr, flush=True)
 
 
-def _start_embedded_api() -> None:
+def _start_embedded_api() -> str | None:
     """Start Prefect's embedded API now, with SIGINT blocked in it.
 
     Prefect starts it lazily as a child in our process group, so a terminal's Ctrl-C
     reached it too and killed the API the search needs to record its stop. A blocked
     signal stays blocked across exec, so the server ignores Ctrl-C and is stopped by
-    Prefect (SIGTERM) when the search exits. With PREFECT_API_URL set this does nothing.
+    Prefect (SIGTERM) when the search exits. Returns the API's URL: PREFECT_API_URL's, checked
+    to answer (else ``CouldNotRun``), or the embedded server's.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return
+    url = PREFECT_API_URL.value()
+    if url:
+        why = probe_api(url)
+        if why is not None:
+            raise CouldNotRun(f"the Prefect API at {url} (PREFECT_API_URL) does not answer ({why}); "
+                              "start it (prefect server start), or unset PREFECT_API_URL to use an "
+                              "embedded one")
+        return url
+    if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
     from prefect.server.api.server import SubprocessASGIServer
 
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        SubprocessASGIServer().start()  # the instance Prefect's client will reuse
+        server = SubprocessASGIServer()  # the instance Prefect's client will reuse
+        server.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return server.api_url
+
+
+def _quiet_console(watchdog: ApiWatchdog | None) -> None:
+    """``QuietConsole`` on every stream handler Prefect's logging set up."""
+    import logging
+
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for handler in {h for lg in loggers for h in getattr(lg, "handlers", ())}:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(QuietConsole(watchdog))
+
+
+def _give_up_on_dead_api(run_dir: RunDir, url: str, out: Path):
+    """The watchdog's verdict: stop the trials, leave the run dir resumable, exit 3 at once
+    (the flow's thread is stuck in the Prefect client's retries and cannot unwind)."""
+    def give_up(reason: str) -> None:
+        import time
+
+        from flows.ephemeral_server import kill_own_servers
+        from runtime.trial import reap_orphans
+
+        print(f"\nautofinetune: could not run: the Prefect API at {url} stopped answering ({reason}); "
+              "stopping running trials", file=sys.stderr, flush=True)
+        run_dir.stop.set()
+        deadline = time.monotonic() + 15  # each trial's runner terminates its group and says so
+        while run_dir.pid_files() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        reap_orphans(run_dir.pid_files())
+        kill_own_servers()  # a wedged embedded server would outlive this process
+        run_dir.remove_temp_files()
+        run_dir.stop.clear_own()
+        print(f"autofinetune: state is saved in {out}; bring the API back (or unset PREFECT_API_URL), "
+              f"then re-run the same command with --output-dir {out} to resume.", file=sys.stderr, flush=True)
+        os._exit(EXIT_COULD_NOT_RUN)
+
+    return give_up
 
 
 def _claim(path: Path) -> Path | None:
@@ -104,11 +155,17 @@ def _error(exc: Exception) -> int:
     return 2
 
 
+def _could_not_run(why: str) -> int:
+    print(f"autofinetune: could not run: {why}", file=sys.stderr, flush=True)
+    return EXIT_COULD_NOT_RUN
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_intermixed_args(argv))
     args["script"], args["extras"] = split_script_and_extras(args.pop("words"))
     try:
         settings = resolve_settings(args)  # before Prefect starts: bad input costs nothing
+        check_writable(settings.output_dir)
         run_dir = RunDir(settings.output_dir)
         state = run_dir.read_state()
         if state is not None:
@@ -123,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir.stop.clear()  # a stale stop of an earlier run
     except (ValueError, RunDirBusy) as exc:  # SettingsError, SearchSpaceError, RunStateError, ...
         return _error(exc)
+    except CouldNotRun as exc:
+        return _could_not_run(str(exc))
     claimed = None
     if not args.get("output_dir"):  # the default output_<stamp>: claim it now, so that a search
         claimed = _claim(settings.output_dir)  # started in the same second takes another name
@@ -136,28 +195,41 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     handler = _StopHandler(run_dir.stop)
     previous = signals.register(handler)
+    api_url = watchdog = None
     try:
-        from prefect.exceptions import TerminationSignal
+        from prefect.exceptions import CancelledRun, TerminationSignal
 
         from flows.autofinetune import autofinetune
 
-        _start_embedded_api()
+        api_url = _start_embedded_api()
+        if api_url:
+            watchdog = ApiWatchdog(api_url, _give_up_on_dead_api(run_dir, api_url, out), dead_after_s())
+            watchdog.start()
+        _quiet_console(watchdog)
         try:
             summary = autofinetune(**args)
         except TerminationSignal:  # a SIGTERM while Prefect's own handler was in force
             handler.requested = True
             run_dir.stop.set()
             raise SearchInterrupted("stopped by SIGTERM") from None
-    except SearchInterrupted:
+    except (SearchInterrupted, CancelledRun):
         print(f"autofinetune: stopped; state is saved in {out}. Re-run the same "
               f"command with --output-dir {out} to resume.", file=sys.stderr, flush=True)
         return 130
     except (ValueError, RunDirBusy) as exc:  # e.g. a run dir taken between the check and the start
         return _error(exc)
+    except Exception as exc:
+        why = describe_failure(exc, out, api_url)
+        if why is None:
+            raise
+        if run_dir.path.is_dir():
+            run_dir.remove_temp_files()
+        return _could_not_run(why)
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         signals.unregister(previous)
-        if handler.requested:
-            run_dir.stop.clear()  # the stop is served; a re-run resumes
+        run_dir.stop.clear_own()  # the stop is served; a re-run resumes
         if claimed is not None and claimed.is_dir() and not any(claimed.iterdir()):
             claimed.rmdir()  # claimed, but the search never started
     return 0 if summary["best_score"] is not None else 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from runtime.trial import process_start_time
 
-__all__ = ["record_ephemeral_server", "reap_stale_server"]
+__all__ = ["record_ephemeral_server", "reap_stale_server", "kill_own_servers"]
 
 _MARK = b"prefect.server.api.server:create_app"
 
@@ -67,3 +67,14 @@ def reap_stale_server(path: Path) -> int | None:
     if process_start_time(pid) == start:
         os.kill(pid, signal.SIGKILL)
     return pid
+
+
+def kill_own_servers() -> list[int]:
+    """SIGKILL this process's embedded servers (when it must exit at once)."""
+    servers = _children_serving_prefect(os.getpid())
+    for pid in servers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return servers

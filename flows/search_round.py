@@ -16,10 +16,11 @@ import queue
 from typing import Any
 
 from prefect import flow
+from prefect.states import Cancelled
 
 from flows import signals
 from runtime.rundir import RunDir, trial_rank_key
-from runtime.search import SearchInterrupted, finished_trial, parents_for
+from runtime.search import finished_trial, parents_for
 from runtime.trial import crash_warning, read_pid_file
 from tasks.steps import (plan_parents_and_prune, propose_candidates, tell_tuner, train_candidate,
                          update_best_model)
@@ -138,7 +139,10 @@ def current_watchers() -> Watchers:
 @flow(name="search_round", flow_run_name="round-{k}")
 def search_round(output_dir: str, k: int, names: list[str], placement: Any) -> list[dict]:
     """Round k. ``placement`` hands out slots (``runtime.slots.Placement``: the flow process's
-    slot pool, or a Dask worker's GPU); the watchers are the caller's ``WATCHERS``."""
+    slot pool, or a Dask worker's GPU); the watchers are the caller's ``WATCHERS``.
+
+    A stopped round ends Cancelled (not Failed with a traceback): calling it then raises
+    ``prefect.exceptions.CancelledRun``."""
     signals.reassert()  # the CLI's Ctrl-C/SIGTERM handler, over the one Prefect just installed
     watchers = current_watchers()
     run_dir = RunDir(output_dir)
@@ -150,7 +154,7 @@ def search_round(output_dir: str, k: int, names: list[str], placement: Any) -> l
                    for i, params in enumerate(candidates)]
     records = _gather(run_dir, k, futures, candidates, watchers)
     if run_dir.stop.is_set() or any(r["outcome"] == "interrupted" for r in records):
-        raise SearchInterrupted(f"stopped during round {k}")
+        return Cancelled(message=f"stopped during round {k}")
     records = tell_tuner(output_dir, k, records)
     best = update_best_model(output_dir, names)
     plan_parents_and_prune(output_dir, k)

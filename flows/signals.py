@@ -7,17 +7,23 @@ never happened. The CLI registers its handler here; each flow body calls ``reass
 first, so for all but the engine's own set-up and tear-down the CLI's handler is the one
 installed. A SIGTERM in those short windows still reaches it: Prefect re-sends the signal
 to the process after restoring the previous handler, and the CLI treats the resulting
-``TerminationSignal`` as a stop. Without a registered handler (a deployment run) nothing
-changes.
+``TerminationSignal`` as a stop.
+
+Without the CLI (a deployment run started by a worker, whose cancel or stop SIGTERMs the
+flow-run process), the top flow's ``stops_search`` defers Prefect's handling: the first
+SIGTERM marks the run dir stopped, so the trials' process groups are terminated and the
+state is saved as for Ctrl-C, and only then is ``TerminationSignal`` raised, so that
+Prefect's engine ends the run as it intends (Cancelled for a cancel, Crashed otherwise).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-from typing import Callable
+from typing import Callable, Iterator
 
-__all__ = ["register", "unregister", "reassert"]
+__all__ = ["register", "unregister", "reassert", "stops_search"]
 
 _handler: Callable | None = None
 
@@ -40,3 +46,53 @@ def reassert() -> None:
     """Put the registered handler back for SIGTERM (only the main thread can)."""
     if _handler is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _handler)
+
+
+class _DeferredTermination:
+    """SIGTERM while no CLI is in charge: stop the search now, hand the signal to Prefect after."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+        self.received = False
+
+    def __call__(self, signum, _frame) -> None:
+        from prefect.exceptions import TerminationSignal
+
+        if self.received:  # a second SIGTERM: stop waiting for the trials
+            raise TerminationSignal(signal=signum)
+        self.received = True
+        self.marker.set()
+        print("autofinetune: SIGTERM received: stopping running trials, launching no more",
+              flush=True)
+
+
+@contextlib.contextmanager
+def stops_search(marker) -> Iterator[None]:
+    """For the top flow's body: SIGTERM stops the search through ``marker`` (a StopMarker).
+
+    Under the CLI its own handler does that. Otherwise (main thread only) a deferring
+    handler is installed for the body and ``TerminationSignal`` is raised at its end if a
+    SIGTERM came.
+    """
+    if _handler is not None or threading.current_thread() is not threading.main_thread():
+        reassert()
+        yield
+        return
+    deferred = _DeferredTermination(marker)
+    previous = register_sigterm(deferred)
+    try:
+        yield
+    finally:
+        unregister(previous)
+    if deferred.received:
+        marker.clear()  # served: the trials saw it; a retry of this run resumes
+        from prefect.exceptions import TerminationSignal
+
+        raise TerminationSignal(signal=signal.SIGTERM)
+
+
+def register_sigterm(handler: Callable) -> dict:
+    """Install ``handler`` for SIGTERM only (``reassert`` keeps it in force in subflows)."""
+    global _handler
+    _handler = handler
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}

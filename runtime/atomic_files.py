@@ -18,11 +18,15 @@ __all__ = ["write_json_atomic", "write_text_atomic", "read_json", "fsync_dir"]
 def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: the old file stays, and no half-written temporary
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

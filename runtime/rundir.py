@@ -80,12 +80,19 @@ class StopMarker:
     def clear_stale(self) -> None:
         """Remove a marker some other process left (a stopped or killed earlier run); keep
         one this process set (a Ctrl-C while the search was starting)."""
-        try:
-            mine = self.path.read_text().strip() == str(os.getpid())
-        except (FileNotFoundError, OSError):
-            return
-        if not mine:
+        if self._owner() not in (None, os.getpid()):
             self.clear()
+
+    def clear_own(self) -> None:
+        """Remove the marker if this process set it (its stop is served)."""
+        if self._owner() == os.getpid():
+            self.clear()
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip() or -1)
+        except (OSError, ValueError):
+            return None if not self.path.exists() else -1
 
     def __repr__(self) -> str:
         return f"StopMarker({str(self.path)!r})"
@@ -141,6 +148,14 @@ class RunDir:
 
     def pid_files(self) -> list[Path]:
         return sorted(self.path.glob("round*/.pid-*"))
+
+    def remove_temp_files(self) -> list[Path]:
+        """Remove the half-written temporaries of atomic writes a killed or failed run left
+        (``.<name>.tmp-<pid>``, in the run dir and its round dirs); returns them."""
+        found = [*self.path.glob(".*.tmp-*"), *self.path.glob("round*/.*.tmp-*")]
+        for path in found:
+            path.unlink(missing_ok=True)
+        return found
 
     @contextlib.contextmanager
     def lock(self):
