@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import queue
+import time
 from typing import Any
 
 from prefect import flow
@@ -29,6 +30,32 @@ from watch.watchers import Watchers
 __all__ = ["search_round", "round_summary", "WATCHERS"]
 
 _POLL_S = 0.25  # how often the round looks for trials that started
+_CANCEL_POLL_S = 2.0  # how often it asks the API whether the run was cancelled in the UI
+
+
+class _CancelWatch:
+    """Whether this round's run or the search's top run was cancelled (Cancelling/Cancelled)
+    in the Prefect UI or API. A worker SIGTERMs the runs it started; a run started from the
+    command line has nobody to do that, so the round asks, every ``_CANCEL_POLL_S``."""
+
+    def __init__(self) -> None:
+        from prefect.context import FlowRunContext
+        from prefect.runtime import flow_run
+
+        context = FlowRunContext.get()
+        self.client = context.client if context else None
+        self.ids = {context.flow_run.id, flow_run.root_flow_run_id} if context else set()
+        self.next_check = time.monotonic() + _CANCEL_POLL_S
+
+    def requested(self) -> bool:
+        if self.client is None or time.monotonic() < self.next_check:
+            return False
+        self.next_check = time.monotonic() + _CANCEL_POLL_S
+        try:
+            states = [self.client.read_flow_run(run_id).state for run_id in self.ids]
+        except Exception:  # an API hiccup; a dead API is the CLI's watchdog's business
+            return False
+        return any(state is not None and state.type.value in ("CANCELLING", "CANCELLED") for state in states)
 
 
 def round_summary(k: int, records: list[dict], names: list[str]) -> str:
@@ -60,12 +87,17 @@ def _gather(run_dir: RunDir, k: int, futures: list, candidates: list[dict], watc
     started = set(earlier)
     left = len(futures)
     cancelled: set[int] = set()
+    ui_cancel = _CancelWatch()
     while left:
         try:
             finished = [done.get(timeout=_POLL_S)]
         except queue.Empty:
             finished = []
         pid_files = {int(p.name.rsplit("-", 1)[1]): p for p in run_dir.round_dir(k).glob(".pid-*")}
+        if not run_dir.stop.is_set() and ui_cancel.requested():
+            run_dir.stop.set()
+            print("autofinetune: the flow run was cancelled in Prefect: stopping running trials, "
+                  "launching no more", flush=True)
         if run_dir.stop.is_set() and not cancelled:
             cancelled = _cancel_queued(futures, started | set(finished) | set(pid_files))
         for i, path in pid_files.items():

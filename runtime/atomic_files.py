@@ -24,8 +24,10 @@ def write_text_atomic(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # e.g. a full disk: the old file stays, and no half-written temporary
+    except BaseException as exc:  # e.g. a full disk: the old file stays, and no half-written temporary
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # a failed write() names no file; the user needs to know which
         raise
     fsync_dir(path.parent)
 

@@ -193,6 +193,8 @@ def _run_once(spec: TrialSpec, slot: Slot, stop: StopCheck) -> dict:
                 break
             except subprocess.TimeoutExpired:
                 _kill_group(proc.pid, signal.SIGKILL)
+    if why_killed is None and code in _STOPPING_SIGNALS and _stop_follows(stop):
+        why_killed = "interrupted"  # a service manager stopping everything (systemd, a pod) got here first
     # Whatever the leader did, nothing of the trial outlives it (dataloader workers, shells).
     _kill_group(proc.pid, signal.SIGKILL)
     pid_path.unlink(missing_ok=True)
@@ -213,6 +215,21 @@ def _run_once(spec: TrialSpec, slot: Slot, stop: StopCheck) -> dict:
         return {"outcome": outcome, "exit_code": code,
                 "error": "exit 0 without report_final_result()" if why == "no_result" else detail}
     return {"outcome": "ok", "exit_code": code, "score": score}
+
+
+# Exit codes of a trial ended by the signals that stop a whole service or session: when
+# the search's own stop follows within a second, the trial was interrupted (re-run on
+# resume), not killed by something else.
+_STOPPING_SIGNALS = frozenset({-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP})
+
+
+def _stop_follows(stop: StopCheck, within_s: float = 1.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while not stop.is_set():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def run_trial(spec: TrialSpec, slot: Slot, *, stop: StopCheck, gpu_sampler: GpuSampler | None = None) -> dict:

@@ -131,6 +131,8 @@ def test_ctrl_c_stops_cleanly_launches_nothing_more_and_resumes(work, prefect_se
     code, log = finish(proc, timeout=60)
     assert code == 130, log[-3000:]
     assert "Re-run the same command" in log
+    # The stopped round and search end Cancelled, with no traceback screens before the message.
+    assert "Traceback" not in log and "Finished in state Cancelled('stopped during round 0" in log
     started = [line.split() for line in events.read_text().splitlines() if line.startswith("start")]
     assert len(started) == 2  # the two queued candidates were never launched
     assert not any(pid_alive(int(s[2])) for s in started)

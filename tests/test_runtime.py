@@ -328,6 +328,21 @@ def test_a_stop_terminates_the_group_and_a_pid_file_names_the_trial(tmp_path):
     assert group_members(info["pid"]) == []  # the grandchild went with the group
 
 
+@pytest.mark.parametrize("stop_follows, outcome", [(True, "interrupted"), (False, "killed")])
+def test_a_trial_sigtermed_with_its_search_is_interrupted_not_killed(tmp_path, stop_follows, outcome):
+    """Stopping a service (systemd, a pod) SIGTERMs the trials along with the search; when the
+    search's stop follows within a second, the trial is interrupted (re-run on resume)."""
+    died = tmp_path / "died"
+
+    class StopAfterTheTrialDied:  # the search's SIGTERM handler, running a moment late
+        def is_set(self) -> bool:
+            return stop_follows and died.exists() and time.time() - died.stat().st_mtime > 0.3
+
+    body = f"open({str(died)!r}, 'w').close()\nos.kill(os.getpid(), signal.SIGTERM)"
+    record = run_trial(spec_for(tmp_path, body), Slot(index=0, gpu=None), stop=StopAfterTheTrialDied())
+    assert record["outcome"] == outcome and record["exit_code"] == -signal.SIGTERM
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of a process group."""
     members = []
