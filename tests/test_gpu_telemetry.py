@@ -1,5 +1,7 @@
-"""GPU telemetry: the real no-NVML path in a real search; the start-up watcher and the
-per-trial sampler (which runs with the trial, wherever it runs) against a small fake NVML."""
+"""GPU telemetry: the no-NVML path in a real search; the start-up watcher and the per-trial
+sampler (which runs with the trial, wherever it runs) against a strict fake NVML
+(``tests/fake_nvml.py``); a real search whose trials see the job's CUDA_VISIBLE_DEVICES and
+are sampled by UUID."""
 
 from __future__ import annotations
 
@@ -10,77 +12,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from conftest import ROOT
+from fake_nvml import ERR, MIB, FakeNvml, fake_uuid, install_nvml
 from flows.cli import main
 from runtime import gpu_sampling
 from runtime.gpu_sampling import GpuSampler, interval_from_env
 from runtime.slots import Slot
 from runtime.trial import TrialSpec, run_trial
 from watch.gpu_telemetry import GpuTelemetry, busy_warning, gpu_line, process_name
-
-MIB = 1024 * 1024
-
-
-def nvml_works() -> bool:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001
-        return False
-    pynvml.nvmlShutdown()
-    return True
-
-
-class FakeNvml:
-    """The few NVML calls the telemetry makes, over scripted readings."""
-
-    class NVMLError(Exception):
-        pass
-
-    def __init__(self, gpus=("Fake GPU A", "Fake GPU B"), processes=None, fail_init=None):
-        self.names = list(gpus)
-        self.utilization = {i: [50] for i in range(len(gpus))}  # readings, the last repeats
-        self.used = {i: 1024 * MIB for i in range(len(gpus))}
-        self.processes = processes or {}
-        self.fail_init = fail_init
-        self.broken: set[int] = set()
-        self.inits = self.shutdowns = 0
-
-    def nvmlInit(self):
-        if self.fail_init:
-            raise self.NVMLError(self.fail_init)
-        self.inits += 1
-
-    def nvmlShutdown(self):
-        self.shutdowns += 1
-
-    def nvmlDeviceGetHandleByIndex(self, index):
-        if index >= len(self.names):
-            raise self.NVMLError("Invalid Argument")
-        return ("handle", index)
-
-    def nvmlDeviceGetName(self, handle):
-        return self.names[handle[1]].encode()  # older nvidia-ml-py returns bytes
-
-    def nvmlDeviceGetMemoryInfo(self, handle):
-        if handle[1] in self.broken:
-            raise self.NVMLError("GPU is lost")
-        return SimpleNamespace(total=81559 * MIB, used=self.used[handle[1]], free=0)
-
-    def nvmlDeviceGetUtilizationRates(self, handle):
-        if handle[1] in self.broken:
-            raise self.NVMLError("GPU is lost")
-        readings = self.utilization[handle[1]]
-        return SimpleNamespace(gpu=readings.pop(0) if len(readings) > 1 else readings[0], memory=0)
-
-    def nvmlDeviceGetComputeRunningProcesses(self, handle):
-        return [SimpleNamespace(pid=pid, usedGpuMemory=used)
-                for pid, used in self.processes.get(handle[1], [])]
 
 
 class FakeClock:
@@ -100,32 +42,65 @@ def started(telemetry, slots):
                               "next_round": 0, "slots": slots, "resumed": False, "trials": []})
 
 
-# -- the real machine: no NVML here ---------------------------------------------------------
+# -- a real search on the job's GPUs (CUDA_VISIBLE_DEVICES=2,3), NVML failing and working ------
+
+def seen_gpus(out, popsize):
+    """What CUDA_VISIBLE_DEVICES each trial's process saw (the toy train.py logs it)."""
+    return [next(line.split("cuda=")[1].split()[0] for line in
+                 (out / "round0" / f"log-{i}.info").read_text().splitlines() if "cuda=" in line)
+            for i in range(popsize)]
+
 
 @pytest.mark.usefixtures("prefect_api", "lock_dir")
-def test_without_nvml_a_search_on_gpu_slots_says_one_line_and_runs(toy, monkeypatch, capsys):
-    if nvml_works():
-        pytest.skip("NVML works on this machine; this test is about one without it")
+def test_a_failing_nvml_is_one_warning_and_the_search_runs_on_the_jobs_gpus(toy, monkeypatch, capsys):
+    """NVML counts a GPU whose handle then raises NoPermission (a cgroup-restricted job):
+    one warning naming the error, no traceback, the trials on what CUDA_VISIBLE_DEVICES names.
+    (Without NVML at all: tests/test_pipeline.py::test_gpu_slots_each_trial_sees_its_gpu.)"""
+    install_nvml(monkeypatch, FakeNvml(gpus=("A", "B", "C", "D"), denied={0}))
     monkeypatch.chdir(toy)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # what a scheduler hands the job
     code = main(["train.py", "--param-file", "hparam.yaml", "--evaluator", "fulltrail",
-                 "--popsize", "2", "--round", "1", "--gpu", "0", "--trials-per-gpu", "2",
-                 "--output-dir", "out"])
+                 "--popsize", "3", "--round", "1", "--output-dir", "out"])
     assert code == 0
     captured = capsys.readouterr()
-    lines = [line for line in (captured.out + captured.err).splitlines() if "GPU telemetry" in line]
-    assert len(lines) == 1
-    assert lines[0].startswith("[autofinetune] GPU telemetry off: NVML not available (")
-    assert "Traceback" not in captured.err
-    for i in range(2):
-        record = json.loads((toy / "out" / "round0" / f"trial-{i}.json").read_text())
-        assert record["outcome"] == "ok" and record["gpu"] == "0" and "gpu_samples" not in record
+    warnings = [line for line in (captured.out + captured.err).splitlines() if "WARNING" in line]
+    assert warnings == ["[autofinetune] WARNING: NVML failed (Insufficient Permissions (NVMLError_NoPermission)): "
+                        "using the GPUs CUDA_VISIBLE_DEVICES names (2,3) without checking them; GPU telemetry "
+                        "may be off"]
+    assert "Traceback" not in captured.err + captured.out
+    records = [json.loads((toy / "out" / "round0" / f"trial-{i}.json").read_text()) for i in range(3)]
+    assert {r["gpu"] for r in records} == {"2", "3"}  # one slot per GPU of the job
+    assert seen_gpus(toy / "out", 3) == [f"'{r['gpu']}'" for r in records]
+    assert all(r["outcome"] == "ok" and r["gpu_uuid"] is None for r in records)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_with_nvml_the_jobs_gpus_are_sampled_and_locked_by_uuid(toy, monkeypatch, capsys, lock_dir):
+    nvml = FakeNvml(gpus=("A", "B", "C", "D"), no_utilization={3})
+    install_nvml(monkeypatch, nvml)
+    monkeypatch.chdir(toy)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.setenv(gpu_sampling.INTERVAL_ENV, "0.1")
+    code = main(["train.py", "--param-file", "hparam.yaml", "--evaluator", "fulltrail", "--popsize", "4",
+                 "--round", "1", "--trials-per-gpu", "2", "--output-dir", "out", "sleep", "0.6"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "[autofinetune] GPU 2: C, 81559 MiB (1024 MiB in use), 2 trial slots" in out
+    records = [json.loads((toy / "out" / "round0" / f"trial-{i}.json").read_text()) for i in range(4)]
+    assert seen_gpus(toy / "out", 4) == [f"'{r['gpu']}'" for r in records]
+    assert {(r["gpu"], r["gpu_uuid"]) for r in records} == {("2", fake_uuid(2)), ("3", fake_uuid(3))}
+    for r in records:
+        assert r["gpu_samples"] and all(s["memory_used_mib"] == 1024 for s in r["gpu_samples"])
+        # GPU 3 does not support utilization: its memory samples are kept all the same
+        assert all(("utilization" in s) == (r["gpu"] == "2") for s in r["gpu_samples"])
+    assert sorted(p.name for p in lock_dir.iterdir()) == sorted(
+        f"gpu-{fake_uuid(g)}.{j}.lock" for g in (2, 3) for j in (0, 1))
+    assert nvml.inits == nvml.shutdowns
 
 
 def test_without_nvml_the_watcher_and_the_sampler_are_inert():
-    if nvml_works():
-        pytest.skip("NVML works on this machine")
     said = []
-    telemetry = GpuTelemetry(say=said.append)  # the real pynvml
+    telemetry = GpuTelemetry(say=said.append)  # pynvml as the conftest left it: absent
     started(telemetry, gpu_slots("0", "1"))
     with GpuSampler("0", interval_s=0.01) as sampler:
         time.sleep(0.05)
@@ -246,25 +221,57 @@ def test_a_failing_gpu_stops_its_sampler_and_says_why_in_the_record():
     good.stop()
     bad.stop()
     assert len(good.samples) == 3 and bad.samples == []
-    assert bad.error == "sampling GPU 1 failed (GPU is lost); stopped sampling it"
-    assert GpuSampler("7", nvml=nvml).start().error == "GPU 7 cannot be read through NVML (Invalid Argument)"
+    assert bad.error == "sampling GPU 1 failed (GPU is lost (NVMLError_GpuIsLost)); stopped sampling it"
+    assert GpuSampler("7", nvml=nvml).start().error == ("GPU 7 cannot be read through NVML "
+                                                       "(Invalid Argument (NVMLError_InvalidArgument))")
     assert nvml.inits == nvml.shutdowns == 3
 
 
 def test_nvml_init_failure_is_one_info_line():
     said = []
-    telemetry = GpuTelemetry(nvml=FakeNvml(fail_init="Driver Not Loaded"), say=said.append)
+    telemetry = GpuTelemetry(nvml=FakeNvml(init_error=ERR.DRIVER_NOT_LOADED), say=said.append)
     started(telemetry, gpu_slots("0"))
-    assert said == ["GPU telemetry off: NVML not available (Driver Not Loaded)"]
-    sampler = GpuSampler("0", nvml=FakeNvml(fail_init="Driver Not Loaded")).start()
-    sampler.stop()
-    assert not sampler.sampled and sampler.error is None  # no NVML: a normal machine
+    assert said == ["GPU telemetry off: NVML not available (Driver Not Loaded (NVMLError_DriverNotLoaded))"]
+    for code in (ERR.DRIVER_NOT_LOADED, ERR.NO_PERMISSION):  # a failing NVML was said once, at start
+        sampler = GpuSampler("0", nvml=FakeNvml(init_error=code)).start()
+        sampler.stop()
+        assert not sampler.sampled and sampler.error is None
 
     said.clear()
     nvml = FakeNvml()
     telemetry = GpuTelemetry(nvml=nvml, say=said.append)
     started(telemetry, gpu_slots(None))
     assert said == ["GPU telemetry off: the trials run on CPU slots"] and nvml.shutdowns == 1
+
+
+def test_each_field_is_read_on_its_own_and_memory_used_is_v2():
+    mig = "MIG-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+    nvml = FakeNvml(migs={mig: 0}, no_utilization={1})
+    nvml.used[0] = 2048 * MIB
+    for gpu, expected in ((mig, {"memory_used_mib": 2048}), ("1", {"memory_used_mib": 1024}),
+                          ("0", {"utilization": 50, "memory_used_mib": 2048})):
+        sampler = GpuSampler(gpu, nvml=nvml, interval_s=3600).start()
+        sampler.sample_now()
+        sampler.stop()
+        assert sampler.error is None and [{k: v for k, v in s.items() if k != "t"} for s in sampler.samples] == [expected]
+    old = FakeNvml(no_memory_v2=True)  # a driver without the v2 call: v1, reserved memory included
+    sampler = GpuSampler("0", nvml=old, interval_s=3600).start()
+    sampler.sample_now()
+    sampler.stop()
+    assert sampler.samples[0]["memory_used_mib"] == 1024 + 300
+    said = []
+    started(GpuTelemetry(nvml=nvml, say=said.append), [{"index": 0, "gpu": mig, "ordinal": 0, "uuid": mig}])
+    assert said == ["GPU MIG-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee: Fake GPU A MIG 1g.10gb, 81559 MiB "
+                    "(2048 MiB in use), 1 trial slot"]
+
+
+def test_a_gpu_that_supports_no_field_stops_its_sampler():
+    nvml = FakeNvml(no_utilization={0})
+    nvml.nvmlDeviceGetMemoryInfo = lambda handle, version=None: (_ for _ in ()).throw(nvml.error(ERR.NOT_SUPPORTED))
+    sampler = GpuSampler("0", nvml=nvml, interval_s=3600).start()
+    sampler.sample_now()
+    sampler.stop()
+    assert sampler.samples == [] and "Not Supported" in sampler.error
 
 
 # -- bench/gpu_check.py ---------------------------------------------------------------------
