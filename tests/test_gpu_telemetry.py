@@ -5,6 +5,7 @@ are sampled by UUID."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -274,17 +275,87 @@ def test_a_gpu_that_supports_no_field_stops_its_sampler():
     assert sampler.samples == [] and "Not Supported" in sampler.error
 
 
-# -- bench/gpu_check.py ---------------------------------------------------------------------
+# -- bench/gpu_check.py (it runs on the lent GPU machine; here, what runs without a GPU) -----
 
-def test_gpu_check_script_parses_and_needs_torch():
-    script = ROOT / "bench" / "gpu_check.py"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    help_run = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
-                              env=env, timeout=60)
-    assert help_run.returncode == 0 and "--gpu" in help_run.stdout
+LENT_MACHINE_LACKS = ("prefect", "cmaes", "optuna", "distributed")
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_needs_no_prefect_and_stops_without_cuda(tmp_path):
+    """The plain mode imports nothing the lent machine lacks; without torch, and with a torch
+    that sees no CUDA, it stops with exit 2 and the driver version."""
+    for name in LENT_MACHINE_LACKS:
+        (tmp_path / f"{name}.py").write_text(f"raise ImportError('{name} is not on the lent GPU machine')\n")
+    script = [sys.executable, str(ROOT / "bench" / "gpu_check.py")]
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    help_run = subprocess.run([*script, "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert help_run.returncode == 0 and "--mode" in help_run.stdout
     try:
         import torch  # noqa: F401
+        has_torch = True
     except ImportError:
-        run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
-                             timeout=60)
-        assert run.returncode == 2 and "pip install torch" in run.stderr
+        has_torch = False
+    if not has_torch:
+        run = subprocess.run(script, capture_output=True, text=True, env=env, timeout=60)
+        assert run.returncode == 2 and "gpu_check: torch is not installed for" in run.stderr
+        assert "; NVIDIA driver " in run.stderr and "Traceback" not in run.stderr
+    (tmp_path / "torch").mkdir()  # a torch without CUDA, as on a driver too old for its CUDA
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "from types import SimpleNamespace\n__version__ = '2.9.0+fake'\nversion = SimpleNamespace(cuda='13.0')\n"
+        "cuda = SimpleNamespace(is_available=lambda: False)\n")
+    run = subprocess.run(script, capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "gpu_check: torch 2.9.0+fake (built for CUDA 13.0) sees no CUDA device; NVIDIA driver " in run.stderr
+    assert "NVIDIA driver: " in run.stdout
+
+
+FAKE_CUDA_TRAIN = """\
+import argparse, json, math, os, time
+from autofinetune import report_final_result
+p = argparse.ArgumentParser()
+p.add_argument("--lr", type=float)
+p.add_argument("--seconds", type=float)
+p.add_argument("--saved_params_dir")
+args, _ = p.parse_known_args()
+cuda = os.environ["CUDA_VISIBLE_DEVICES"]
+uuid = cuda if cuda.startswith("GPU-") else "GPU-%08x-1111-2222-3333-444444444444" % int(cuda)
+time.sleep(args.seconds)
+os.makedirs(args.saved_params_dir, exist_ok=True)
+json.dump({"CUDA_VISIBLE_DEVICES": cuda, "cuda": True, "device_count": 1, "name": "Fake GPU",
+           "uuid": uuid.removeprefix("GPU-"), "max_memory_allocated_mib": 9, "steps": 1},
+          open(os.path.join(args.saved_params_dir, "seen.json"), "w"))
+report_final_result(-abs(math.log10(args.lr) + 3))
+"""
+
+
+def test_gpu_check_runs_its_passes_and_checks_each_trial(tmp_path, monkeypatch, capsys):
+    """gpu_check's plain mode on a fake NVML with a train.py that plays CUDA: both passes run,
+    every trial is reported and checked (torch itself only runs on the lent machine)."""
+    gpu_check = load_gpu_check()
+    install_nvml(monkeypatch, FakeNvml())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(gpu_check, "TRAIN_PY", FAKE_CUDA_TRAIN)
+    monkeypatch.setattr(gpu_check, "probe_torch", lambda python, timeout: (
+        {"torch": "fake", "built_for_cuda": "13.0", "cuda": True, "devices": ["Fake GPU"], "import_s": 0}, None))
+    for name in ("AUTOFINETUNE_GPU_SAMPLE_S", "AUTOFINETUNE_LOCK_DIR", "PYTHONPATH"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # check() sets them: restored afterwards
+    code = gpu_check.main(["--gpu", "1", "--seconds", "0.4", "--sample-s", "0.1", "--keep", str(tmp_path / "w")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "NVIDIA driver: 580.95.05" in out and f"GPU 1: Fake GPU B, {fake_uuid(1)}" in out
+    assert f"pass uuid: the parent's CUDA_VISIBLE_DEVICES={fake_uuid(1)}" in out
+    assert out.count("saw: CUDA_VISIBLE_DEVICES='1'") == 4 and out.count(f"saw: CUDA_VISIBLE_DEVICES='{fake_uuid(1)}'") == 2
+    assert f"lock gpu-{fake_uuid(1)}.1.lock" in out and "OK: every trial ran on its slot's GPU" in out
+    record = {"round": 0, "candidate": 1, "outcome": "ok", "gpu": "1", "gpu_uuid": fake_uuid(1), "log": "l",
+              "gpu_samples": [{"t": 1, "utilization": 0, "memory_used_mib": 0}]}
+    assert gpu_check.trial_problems(record, {"CUDA_VISIBLE_DEVICES": "1", "cuda": True, "device_count": 1,
+                                             "uuid": fake_uuid(0)}) == [
+        f"round 0 trial 1: CUDA device {fake_uuid(0)} is not NVML's {fake_uuid(1)} for slot '1': CUDA numbers "
+        "the GPUs differently (CUDA_DEVICE_ORDER?)",
+        "round 0 trial 1: no memory sample above 0 MiB", "round 0 trial 1: every utilization sample is 0%"]
