@@ -195,3 +195,20 @@ def test_cli_refuses_a_gpu_it_cannot_use_in_one_line(toy, monkeypatch, capsys, n
     err = capsys.readouterr().err
     assert err.startswith(f"autofinetune: error: {says}") and err.count("\n") == 1
     assert sorted(p.name for p in toy.iterdir()) == before
+
+
+def test_a_dask_worker_locks_its_own_gpu_by_uuid(monkeypatch, lock_dir):
+    """A trial on a Dask worker uses the worker's CUDA_VISIBLE_DEVICES, locked by NVML UUID."""
+    import distributed
+
+    from runtime.cluster import WorkerPlacement
+
+    monkeypatch.setattr(distributed, "get_worker", lambda: type("W", (), {"address": "tcp://127.0.0.1:9"})())
+    install_nvml(monkeypatch, FakeNvml(gpus=FOUR))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    with WorkerPlacement(trials_per_gpu=2).acquire() as slot:
+        assert (slot.gpu, slot.uuid, slot.worker) == ("3,1", fake_uuid(3), "tcp://127.0.0.1:9")
+        assert (lock_dir / f"gpu-{fake_uuid(3)}.0.lock").exists()
+    install_nvml(monkeypatch, FakeNvml.absent())
+    with WorkerPlacement().acquire() as slot:  # no NVML on the worker: locked by the id
+        assert slot.uuid is None and slot.lock_name == "gpu-3.0.lock"
