@@ -170,6 +170,8 @@ def _run_search(run_dir: RunDir, settings: Settings, watchers: Watchers) -> dict
         run_dir.write_state(state)
         names = list(settings.space.names)
         out = str(run_dir.path)
+        if settings.gpu_warning:
+            print(f"[autofinetune] {settings.gpu_warning}", flush=True)
         if "epochs" in names and state.search.evaluator == "populationbased" and state.run.pbt_epochs:
             print("[autofinetune] 'epochs' is searched: Population-Based children train for their own "
                   "searched epochs; --pbt-epochs is not applied", flush=True)

@@ -9,7 +9,8 @@ the Dask scheduler then starts each trial the moment a worker is free.
 On the worker, ``WorkerPlacement.acquire`` gives the trial a ``Slot`` whose GPU is the
 worker's own ``CUDA_VISIBLE_DEVICES`` (None: a CPU worker) and whose ``worker`` is its
 address; a GPU slot also holds the per-GPU ``flock`` of ``runtime.slots`` on the worker's
-host, so two searches on one host never put more than K trials on a GPU.
+host (named by the GPU's NVML UUID when NVML tells it), so two searches on one host never
+put more than K trials on a GPU.
 
 The run directory must be one shared directory (NFS, Lustre, a shared volume) at the
 same path on every worker: ``probe_run_dir`` runs on each worker at start and writes a
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from runtime.gpus import gpu_uuid
 from runtime.slots import Slot, SlotPool, StopCheck
 
 __all__ = ["DaskCluster", "WorkerPlacement", "probe_run_dir", "trial_resources", "worker_gpu"]
@@ -65,9 +67,10 @@ class WorkerPlacement:
         worker = get_worker().address
         gpu = worker_gpu()
         places = range(self.trials_per_gpu) if gpu is not None else range(1)
+        uuid = gpu_uuid(gpu.split(",")[0]) if gpu is not None else None
         # A pool per trial: on a GPU the flocks (per open file) exclude other trials of this
         # worker and of every other process on the host; a CPU worker's concurrency is Dask's.
-        pool = SlotPool([Slot(index=0, gpu=gpu, ordinal=j, worker=worker) for j in places],
+        pool = SlotPool([Slot(index=0, gpu=gpu, ordinal=j, worker=worker, uuid=uuid) for j in places],
                         lock_dir=Path(self.lock_dir) if self.lock_dir else None)
         with pool.acquire(stop) as slot:
             yield slot

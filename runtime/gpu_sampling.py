@@ -7,14 +7,17 @@ land in the trial's record, hence in ``trial-<i>.json``::
     "gpu_samples": [{"t": 2.0, "utilization": 97, "memory_used_mib": 1534}, ...]
 
 ``t`` is seconds since the trial started. Both numbers are the whole GPU's, as NVML reports
-them: with ``--trials-per-gpu 2`` the two trials on a GPU see the same load. A very long
+them: with ``--trials-per-gpu 2`` the two trials on a GPU see the same load. Memory used is
+read with NVML's v2 struct (without what the driver reserves; v1 where v2 is missing). Each
+field is read on its own: one the GPU does not support (utilization of a MIG device raises
+NotSupported) is left out of the sample, and the others are kept. A very long
 trial keeps fewer than ``MAX_SAMPLES`` samples: when full, every other one is dropped (the
 latest is kept) and the trial is sampled half as often. It runs where the trial runs (a
 thread of the flow's process, or a Dask worker), which is the only place that sees the GPU.
 
 Without NVML (no driver, no GPU, no library) nothing is sampled and the record has no
-``gpu_samples``; when a reading fails mid-trial, sampling stops and the record says why in
-``gpu_sampling_error``. NVML is passed in (``nvml=``) so tests can drive it with a fake.
+``gpu_samples``; when a reading fails mid-trial (or the GPU supports neither field),
+sampling stops and the record says why in ``gpu_sampling_error``. NVML is passed in (``nvml=``) so tests can drive it with a fake.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import threading
 import time
 from typing import Any, Callable
 
+from runtime.gpus import (NOT_SUPPORTED, close_nvml, describe_nvml_error, memory_info, nvml_error_code,
+                          nvml_handle, open_nvml)
+
 __all__ = ["GpuSampler", "read_sample", "interval_from_env", "DEFAULT_INTERVAL_S", "INTERVAL_ENV",
            "MAX_SAMPLES"]
 
@@ -31,14 +37,26 @@ DEFAULT_INTERVAL_S = 2.0
 INTERVAL_ENV = "AUTOFINETUNE_GPU_SAMPLE_S"
 MAX_SAMPLES = 2048  # per trial; beyond it the trial's sampling rate halves
 _MIB = 1024 * 1024
+_FIELDS = (("utilization", lambda nvml, handle: int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)),
+           ("memory_used_mib", lambda nvml, handle: int(memory_info(nvml, handle).used) // _MIB))
 
 
 def read_sample(nvml: Any, handle: Any, t: float) -> dict:
-    """One sample of a GPU: ``{"t", "utilization" (percent), "memory_used_mib"}``."""
-    utilization = nvml.nvmlDeviceGetUtilizationRates(handle)
-    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-    return {"t": round(t, 3), "utilization": int(utilization.gpu),
-            "memory_used_mib": int(memory.used) // _MIB}
+    """One sample of a GPU: ``{"t", "utilization" (percent), "memory_used_mib"}``, without a
+    field the GPU does not support. Raises when a read fails otherwise, or when no field is
+    supported."""
+    sample: dict = {"t": round(t, 3)}
+    unsupported = None
+    for name, read in _FIELDS:
+        try:
+            sample[name] = read(nvml, handle)
+        except Exception as exc:  # noqa: BLE001 - NVMLError
+            if nvml_error_code(exc) != NOT_SUPPORTED:
+                raise
+            unsupported = exc
+    if len(sample) == 1:
+        raise unsupported
+    return sample
 
 
 def interval_from_env(default: float = DEFAULT_INTERVAL_S) -> float:
@@ -54,7 +72,8 @@ def interval_from_env(default: float = DEFAULT_INTERVAL_S) -> float:
 class GpuSampler:
     """Samples one GPU from ``start()`` to ``stop()``; ``samples`` and ``error`` hold the result.
 
-    ``gpu`` is the NVML index of the trial's GPU; ``None`` (a CPU slot) samples nothing.
+    ``gpu`` is the trial's GPU as NVML can read it: an index or a ``GPU-``/``MIG-`` UUID
+    (``Slot.uuid`` when known); ``None`` (a CPU slot) or anything else samples nothing.
     """
 
     def __init__(self, gpu: str | None, *, interval_s: float | None = None, nvml: Any = None,
@@ -75,20 +94,16 @@ class GpuSampler:
         self._thread: threading.Thread | None = None
 
     def start(self) -> GpuSampler:
-        if self.gpu is None or not str(self.gpu).isdigit():
+        if self.gpu is None or "," in str(self.gpu):
             return self
-        nvml = self._nvml
-        try:
-            if nvml is None:
-                import pynvml as nvml
-            nvml.nvmlInit()
-        except Exception:  # noqa: BLE001 - no NVML here: a normal machine, nothing to sample
+        nvml, _ = open_nvml(self._nvml)
+        if nvml is None:  # no NVML, or a failing one (the search said so once, at start)
             return self
         try:
-            self._handle = nvml.nvmlDeviceGetHandleByIndex(int(self.gpu))
+            self._handle = nvml_handle(nvml, str(self.gpu))
         except Exception as exc:  # noqa: BLE001
-            self.error = f"GPU {self.gpu} cannot be read through NVML ({exc})"
-            _shutdown(nvml)
+            self.error = f"GPU {self.gpu} cannot be read through NVML ({describe_nvml_error(exc)})"
+            close_nvml(nvml)
             return self
         self._nvml, self.enabled, self.sampled, self._t0 = nvml, True, True, self._clock()
         self._thread = threading.Thread(target=self._loop, name=f"autofinetune-gpu-{self.gpu}", daemon=True)
@@ -103,7 +118,7 @@ class GpuSampler:
         try:
             sample = read_sample(self._nvml, self._handle, self._clock() - self._t0)
         except Exception as exc:  # noqa: BLE001
-            self.error = f"sampling GPU {self.gpu} failed ({exc}); stopped sampling it"
+            self.error = f"sampling GPU {self.gpu} failed ({describe_nvml_error(exc)}); stopped sampling it"
             self._halt.set()
             return
         self.samples.append(sample)
@@ -122,7 +137,7 @@ class GpuSampler:
             self._thread = None
         if self.enabled:
             self.enabled = False
-            _shutdown(self._nvml)
+            close_nvml(self._nvml)
 
     def __enter__(self) -> GpuSampler:
         return self.start()
@@ -130,9 +145,3 @@ class GpuSampler:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-def _shutdown(nvml: Any) -> None:
-    try:
-        nvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001
-        pass

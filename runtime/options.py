@@ -110,7 +110,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("param_file", ("--param-file", "--param_file"), "hparam.yaml",
            "the search space YAML (default hparam.yaml)"),
     Option("gpu", ("--gpu",), None,
-           "comma-separated GPU ids, e.g. 0,1 (default: every GPU NVML sees; CPU slots when there is none)"),
+           "comma-separated GPU ids: indices (0,1) or GPU-/MIG- UUIDs (default: the entries of "
+           "CUDA_VISIBLE_DEVICES, else every GPU NVML sees; CPU slots when there is none)"),
     Option("popsize", ("--popsize",), 5, "candidates per round (default 5)", int, "N", _int_at_least(1)),
     Option("rounds", ("--round",), 10, "rounds (default 10)", int, "N", _int_at_least(1)),
     Option("output_dir", ("--output-dir", "--output_dir"), None,

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from runtime.cluster import DaskCluster
-from runtime.gpus import detect_gpus, parse_gpu_list
+from runtime.gpus import select_gpus
 from runtime.options import SEED_LIMIT, OptionError, check_all
 from runtime.rundir import START_FILES
 from runtime.slots import Slot, make_slots
@@ -39,6 +39,7 @@ class Settings:
     slots: list[Slot]  # local slots; empty when the trials run on a Dask cluster
     cluster: DaskCluster | None = None  # --dask-address / --dask-local
     trials_per_gpu: int = 1
+    gpu_warning: str | None = None  # one line for the user at start (NVML failed: ids unchecked)
 
 
 def split_script_and_extras(words: list[str]) -> tuple[str, list[str]]:
@@ -95,7 +96,7 @@ def resolve_settings(values: dict | None = None, *, started: datetime | None = N
     pairs = _parse_extras(o["extras"], tuple(space.names), o["param_file"])
 
     gpu = o["gpu"]
-    cluster = None
+    cluster, gpu_warning = None, None
     if o["dask_address"] and o["dask_local"]:
         raise SettingsError("give either --dask-address (an existing cluster) or --dask-local N, not both")
     if o["dask_address"] or o["dask_local"]:
@@ -104,13 +105,11 @@ def resolve_settings(values: dict | None = None, *, started: datetime | None = N
                                 "uses its worker's CUDA_VISIBLE_DEVICES: drop --gpu")
         cluster = DaskCluster(address=o["dask_address"], local_workers=o["dask_local"])
         slots = []
-    elif gpu is not None and str(gpu).strip() != "":
-        gpus = parse_gpu_list(str(gpu), detect_gpus())  # GpuSelectionError is a ValueError
-        slots = make_slots(gpus, trials_per_gpu=o["trials_per_gpu"], cpu_slots=o["cpu_slots"])
-    else:
-        detected = detect_gpus()
-        gpus = [str(g.index) for g in detected] if detected else None
-        slots = make_slots(gpus, trials_per_gpu=o["trials_per_gpu"], cpu_slots=o["cpu_slots"])
+    else:  # GpuSelectionError is a ValueError; see runtime.gpus for the rules
+        choice = select_gpus(gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        gpu_warning = choice.warning
+        slots = make_slots(list(choice.gpus), uuids=list(choice.uuids), trials_per_gpu=o["trials_per_gpu"],
+                           cpu_slots=o["cpu_slots"])
 
     if o["output_dir"] and o["output_root"]:
         raise SettingsError("give either --output-dir (one run) or output_root (a dated run dir "
@@ -132,9 +131,9 @@ def resolve_settings(values: dict | None = None, *, started: datetime | None = N
     run = RunOptions(script=str(script_path), python=found, cwd=str(cwd_path), extras=pairs,
                      trial_timeout=o["trial_timeout"], trial_retries=o["trial_retries"],
                      pbt_epochs=o["pbt_epochs"], keep_checkpoints=o["keep_checkpoints"],
-                     slots=[{"index": s.index, "gpu": s.gpu, "ordinal": s.ordinal} for s in slots])
+                     slots=[{"index": s.index, "gpu": s.gpu, "ordinal": s.ordinal, "uuid": s.uuid} for s in slots])
     return Settings(output_dir=out, space=space, rounds=o["rounds"], search=search, run=run, slots=slots,
-                    cluster=cluster, trials_per_gpu=o["trials_per_gpu"])
+                    cluster=cluster, trials_per_gpu=o["trials_per_gpu"], gpu_warning=gpu_warning)
 
 
 def fresh_seed() -> int:

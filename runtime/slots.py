@@ -9,6 +9,14 @@ A trial takes a slot the moment one frees (the original ran candidates in waves 
 holds an exclusive ``fcntl.flock`` on a per-(GPU, #) lock file, so two searches on one
 host with overlapping ``--gpu`` lists never put more than K trials on one GPU; the
 kernel drops the lock when its holder dies, so a killed search leaves nothing stuck.
+A lock file is named by the GPU's NVML UUID when NVML told it (else by the id as given), so
+two containers that number one GPU differently still share its locks.
+
+The lock files are shared by every user's searches on the host: the lock dir is created
+world-writable and sticky (as /tmp), each file read-writable by all (``fchmod`` after
+creating it, whatever the umask). An existing file is opened without ``O_CREAT`` first:
+with ``fs.protected_regular`` (on by default in many distributions) opening another user's
+file in a sticky world-writable dir with ``O_CREAT`` fails with EACCES, even for root.
 
 The interface a trial needs is small, ``Placement``: ``acquire(stop)``, a context manager
 yielding a ``Slot``. The flow hands one to every ``train_candidate`` task as an argument:
@@ -28,7 +36,7 @@ from pathlib import Path
 from typing import ContextManager, Iterator, Protocol
 
 __all__ = ["Slot", "SlotPool", "SlotWaitInterrupted", "Placement", "StopCheck", "make_slots",
-           "default_lock_dir"]
+           "default_lock_dir", "open_lock_file"]
 
 LOCK_DIR_ENV = "AUTOFINETUNE_LOCK_DIR"
 _POLL_S = 0.1  # how often a waiter re-tries GPU locks held by another process
@@ -40,6 +48,7 @@ class Slot:
     gpu: str | None  # GPU id given to the trial as CUDA_VISIBLE_DEVICES; None = CPU slot
     ordinal: int = 0  # which of the GPU's --trials-per-gpu places this is
     worker: str | None = None  # the Dask worker's address; None: a thread of the flow's process
+    uuid: str | None = None  # NVML's UUID of the (first) GPU, when NVML told it
 
     @property
     def cuda_visible_devices(self) -> str:
@@ -47,8 +56,10 @@ class Slot:
 
     @property
     def lock_name(self) -> str:
-        """The per-GPU lock file's name (a worker's list "1,2,0" locks its first GPU)."""
-        return f"gpu-{self.gpu.split(',')[0]}.{self.ordinal}.lock"
+        """The per-GPU lock file's name: by NVML UUID, else by id (a worker's list "1,2,0"
+        locks its first GPU)."""
+        name = (self.uuid or self.gpu.split(",")[0]).replace("/", "_")  # an old-style MIG id has '/'
+        return f"gpu-{name}.{self.ordinal}.lock"
 
     def describe(self) -> str:
         where = f"cpu-slot {self.index}" if self.gpu is None else f"gpu {self.gpu} (place {self.ordinal})"
@@ -73,16 +84,57 @@ class SlotWaitInterrupted(Exception):
     """A stop was requested while waiting for a slot: the trial must not start."""
 
 
-def make_slots(gpus: list[str] | None, *, trials_per_gpu: int, cpu_slots: int) -> list[Slot]:
-    """One slot per GPU per place (GPU-major order, so trials spread over GPUs first)."""
+def make_slots(gpus: list[str] | None, *, trials_per_gpu: int, cpu_slots: int,
+               uuids: list[str | None] | None = None) -> list[Slot]:
+    """One slot per GPU per place (GPU-major order, so trials spread over GPUs first);
+    ``uuids``: NVML's UUID of each GPU, when known."""
     if gpus:
+        uuid_of = dict(zip(gpus, uuids or ()))
         places = [(gpu, j) for j in range(trials_per_gpu) for gpu in gpus]
-        return [Slot(index=n, gpu=gpu, ordinal=j) for n, (gpu, j) in enumerate(places)]
+        return [Slot(index=n, gpu=gpu, ordinal=j, uuid=uuid_of.get(gpu)) for n, (gpu, j) in enumerate(places)]
     return [Slot(index=n, gpu=None) for n in range(cpu_slots)]
 
 
 def default_lock_dir() -> Path:
     return Path(os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / "autofinetune-gpu-locks")
+
+
+def _make_shared_dir(path: Path) -> None:
+    """Create the lock dir (and its parents) world-writable and sticky, as /tmp; an existing
+    one is left as it is (it may be another user's)."""
+    if path.is_dir():
+        return
+    _make_shared_dir(path.parent)
+    try:
+        os.mkdir(path, 0o1777)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o1777)  # mkdir's mode went through the umask
+
+
+def open_lock_file(path: Path) -> int:
+    """A descriptor of the lock file at ``path`` for ``flock``, the file created shared (0666)
+    if it is not there yet. Another user's existing file is opened without ``O_CREAT`` (see
+    the module docstring), read-only when it is not writable (``flock`` needs no write access).
+    """
+    _make_shared_dir(path.parent)
+    while True:
+        for flags in (os.O_RDWR, os.O_RDONLY):
+            try:
+                return os.open(path, flags)
+            except FileNotFoundError:
+                break
+            except PermissionError:
+                continue
+        else:
+            raise PermissionError(f"cannot open the GPU lock file {path}: ask its owner to make it "
+                                  f"readable (chmod 666), or set ${LOCK_DIR_ENV} to another dir")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # another process created it meanwhile: open that one
+            continue
+        os.fchmod(fd, 0o666)  # the mode went through the umask
+        return fd
 
 
 class SlotPool:
@@ -103,11 +155,7 @@ class SlotPool:
     def _try_lock(self, slot: Slot) -> bool:
         if slot.gpu is None:
             return True
-        self._lock_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(PermissionError):
-            os.chmod(self._lock_dir, 0o1777)  # shared by every user's searches on the host
-        path = self._lock_dir / slot.lock_name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = open_lock_file(self._lock_dir / slot.lock_name)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -123,7 +123,7 @@ class RunOptions:
     trial_retries: int
     pbt_epochs: int
     keep_checkpoints: str  # "all" | "needed"
-    slots: list  # [{"index", "gpu", "ordinal"}, ...]
+    slots: list  # [{"index", "gpu", "ordinal", "uuid"}, ...]
 
     @classmethod
     def from_json(cls, d: Any, where: str = "run") -> RunOptions:

@@ -160,8 +160,9 @@ def _run_once(spec: TrialSpec, slot: Slot, stop: StopCheck) -> dict:
     env = dict(os.environ)
     env.update({RESULT_FILE_ENV: str(result_path), "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
                 "PYTHONUNBUFFERED": "1"})
-    # GPU ids are NVML indices, which follow PCI bus order; CUDA's default order (fastest
+    # GPU indices are NVML's, which follow PCI bus order; CUDA's default order (fastest
     # first) can differ on a machine with mixed GPUs, so make CUDA count the same way.
+    # A slot's id (an index or a GPU-/MIG- UUID) is passed exactly as it was written.
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     if stop.is_set():
         return {"outcome": "interrupted", "exit_code": None, "error": "stopped before launch"}
@@ -243,7 +244,7 @@ def run_trial(spec: TrialSpec, slot: Slot, *, stop: StopCheck, gpu_sampler: GpuS
     Path(spec.log_path).write_bytes(b"")  # a re-run (resume) starts a fresh log
     started, t0 = _now(), time.monotonic()
     attempts = []
-    sampler = gpu_sampler if gpu_sampler is not None else GpuSampler(slot.gpu)
+    sampler = gpu_sampler if gpu_sampler is not None else GpuSampler(slot.uuid or slot.gpu)
     with sampler:
         while True:
             outcome = _run_once(spec, slot, stop)
@@ -259,7 +260,7 @@ def run_trial(spec: TrialSpec, slot: Slot, *, stop: StopCheck, gpu_sampler: GpuS
         "score": None, "error": None, **attempts[-1],
         "attempts": len(attempts),
         "retried_after": [a["outcome"] for a in attempts[:-1]],
-        "slot": slot.index, "gpu": slot.gpu,
+        "slot": slot.index, "gpu": slot.gpu, "gpu_uuid": slot.uuid,
         "started_at": started, "ended_at": _now(), "duration_s": round(time.monotonic() - t0, 3),
         "saved_params_dir": spec.saved_params_dir, "model_path": spec.model_path,
         "parent": spec.parent, "log": spec.log_path, "argv": build_argv(spec),

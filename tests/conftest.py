@@ -9,8 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from fake_nvml import FakeNvml, install_nvml
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+@pytest.fixture(autouse=True)
+def no_host_gpus(monkeypatch):
+    """Every test runs as on a machine without GPUs, whatever the host has: NVML looks absent
+    in this process (a test installs a ``FakeNvml`` to have GPUs), and
+    ``CUDA_VISIBLE_DEVICES=""`` gives this process and every subprocess it starts (CLI runs,
+    Prefect workers, trials) no GPU. A test about GPU selection sets or deletes it itself."""
+    install_nvml(monkeypatch, FakeNvml.absent())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 def free_port() -> int:
@@ -46,7 +58,7 @@ def prefect_server(tmp_path_factory):
             raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
     client_env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=url,
-                      PREFECT_SERVER_ANALYTICS_ENABLED="false")
+                      PREFECT_SERVER_ANALYTICS_ENABLED="false", CUDA_VISIBLE_DEVICES="")  # see no_host_gpus
     yield client_env
     stop_group(proc, timeout=20)
     log.close()

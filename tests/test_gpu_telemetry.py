@@ -1,8 +1,11 @@
-"""GPU telemetry: the real no-NVML path in a real search; the start-up watcher and the
-per-trial sampler (which runs with the trial, wherever it runs) against a small fake NVML."""
+"""GPU telemetry: the no-NVML path in a real search; the start-up watcher and the per-trial
+sampler (which runs with the trial, wherever it runs) against a strict fake NVML
+(``tests/fake_nvml.py``); a real search whose trials see the job's CUDA_VISIBLE_DEVICES and
+are sampled by UUID."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,77 +13,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from conftest import ROOT
+from fake_nvml import ERR, MIB, FakeNvml, fake_uuid, install_nvml
 from flows.cli import main
 from runtime import gpu_sampling
 from runtime.gpu_sampling import GpuSampler, interval_from_env
 from runtime.slots import Slot
 from runtime.trial import TrialSpec, run_trial
 from watch.gpu_telemetry import GpuTelemetry, busy_warning, gpu_line, process_name
-
-MIB = 1024 * 1024
-
-
-def nvml_works() -> bool:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001
-        return False
-    pynvml.nvmlShutdown()
-    return True
-
-
-class FakeNvml:
-    """The few NVML calls the telemetry makes, over scripted readings."""
-
-    class NVMLError(Exception):
-        pass
-
-    def __init__(self, gpus=("Fake GPU A", "Fake GPU B"), processes=None, fail_init=None):
-        self.names = list(gpus)
-        self.utilization = {i: [50] for i in range(len(gpus))}  # readings, the last repeats
-        self.used = {i: 1024 * MIB for i in range(len(gpus))}
-        self.processes = processes or {}
-        self.fail_init = fail_init
-        self.broken: set[int] = set()
-        self.inits = self.shutdowns = 0
-
-    def nvmlInit(self):
-        if self.fail_init:
-            raise self.NVMLError(self.fail_init)
-        self.inits += 1
-
-    def nvmlShutdown(self):
-        self.shutdowns += 1
-
-    def nvmlDeviceGetHandleByIndex(self, index):
-        if index >= len(self.names):
-            raise self.NVMLError("Invalid Argument")
-        return ("handle", index)
-
-    def nvmlDeviceGetName(self, handle):
-        return self.names[handle[1]].encode()  # older nvidia-ml-py returns bytes
-
-    def nvmlDeviceGetMemoryInfo(self, handle):
-        if handle[1] in self.broken:
-            raise self.NVMLError("GPU is lost")
-        return SimpleNamespace(total=81559 * MIB, used=self.used[handle[1]], free=0)
-
-    def nvmlDeviceGetUtilizationRates(self, handle):
-        if handle[1] in self.broken:
-            raise self.NVMLError("GPU is lost")
-        readings = self.utilization[handle[1]]
-        return SimpleNamespace(gpu=readings.pop(0) if len(readings) > 1 else readings[0], memory=0)
-
-    def nvmlDeviceGetComputeRunningProcesses(self, handle):
-        return [SimpleNamespace(pid=pid, usedGpuMemory=used)
-                for pid, used in self.processes.get(handle[1], [])]
 
 
 class FakeClock:
@@ -100,32 +43,65 @@ def started(telemetry, slots):
                               "next_round": 0, "slots": slots, "resumed": False, "trials": []})
 
 
-# -- the real machine: no NVML here ---------------------------------------------------------
+# -- a real search on the job's GPUs (CUDA_VISIBLE_DEVICES=2,3), NVML failing and working ------
+
+def seen_gpus(out, popsize):
+    """What CUDA_VISIBLE_DEVICES each trial's process saw (the toy train.py logs it)."""
+    return [next(line.split("cuda=")[1].split()[0] for line in
+                 (out / "round0" / f"log-{i}.info").read_text().splitlines() if "cuda=" in line)
+            for i in range(popsize)]
+
 
 @pytest.mark.usefixtures("prefect_api", "lock_dir")
-def test_without_nvml_a_search_on_gpu_slots_says_one_line_and_runs(toy, monkeypatch, capsys):
-    if nvml_works():
-        pytest.skip("NVML works on this machine; this test is about one without it")
+def test_a_failing_nvml_is_one_warning_and_the_search_runs_on_the_jobs_gpus(toy, monkeypatch, capsys):
+    """NVML counts a GPU whose handle then raises NoPermission (a cgroup-restricted job):
+    one warning naming the error, no traceback, the trials on what CUDA_VISIBLE_DEVICES names.
+    (Without NVML at all: tests/test_pipeline.py::test_gpu_slots_each_trial_sees_its_gpu.)"""
+    install_nvml(monkeypatch, FakeNvml(gpus=("A", "B", "C", "D"), denied={0}))
     monkeypatch.chdir(toy)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # what a scheduler hands the job
     code = main(["train.py", "--param-file", "hparam.yaml", "--evaluator", "fulltrail",
-                 "--popsize", "2", "--round", "1", "--gpu", "0", "--trials-per-gpu", "2",
-                 "--output-dir", "out"])
+                 "--popsize", "3", "--round", "1", "--output-dir", "out"])
     assert code == 0
     captured = capsys.readouterr()
-    lines = [line for line in (captured.out + captured.err).splitlines() if "GPU telemetry" in line]
-    assert len(lines) == 1
-    assert lines[0].startswith("[autofinetune] GPU telemetry off: NVML not available (")
-    assert "Traceback" not in captured.err
-    for i in range(2):
-        record = json.loads((toy / "out" / "round0" / f"trial-{i}.json").read_text())
-        assert record["outcome"] == "ok" and record["gpu"] == "0" and "gpu_samples" not in record
+    warnings = [line for line in (captured.out + captured.err).splitlines() if "WARNING" in line]
+    assert warnings == ["[autofinetune] WARNING: NVML failed (Insufficient Permissions (NVMLError_NoPermission)): "
+                        "using the GPUs CUDA_VISIBLE_DEVICES names (2,3) without checking them; GPU telemetry "
+                        "may be off"]
+    assert "Traceback" not in captured.err + captured.out
+    records = [json.loads((toy / "out" / "round0" / f"trial-{i}.json").read_text()) for i in range(3)]
+    assert {r["gpu"] for r in records} == {"2", "3"}  # one slot per GPU of the job
+    assert seen_gpus(toy / "out", 3) == [f"'{r['gpu']}'" for r in records]
+    assert all(r["outcome"] == "ok" and r["gpu_uuid"] is None for r in records)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_with_nvml_the_jobs_gpus_are_sampled_and_locked_by_uuid(toy, monkeypatch, capsys, lock_dir):
+    nvml = FakeNvml(gpus=("A", "B", "C", "D"), no_utilization={3})
+    install_nvml(monkeypatch, nvml)
+    monkeypatch.chdir(toy)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.setenv(gpu_sampling.INTERVAL_ENV, "0.1")
+    code = main(["train.py", "--param-file", "hparam.yaml", "--evaluator", "fulltrail", "--popsize", "4",
+                 "--round", "1", "--trials-per-gpu", "2", "--output-dir", "out", "sleep", "0.6"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "[autofinetune] GPU 2: C, 81559 MiB (1024 MiB in use), 2 trial slots" in out
+    records = [json.loads((toy / "out" / "round0" / f"trial-{i}.json").read_text()) for i in range(4)]
+    assert seen_gpus(toy / "out", 4) == [f"'{r['gpu']}'" for r in records]
+    assert {(r["gpu"], r["gpu_uuid"]) for r in records} == {("2", fake_uuid(2)), ("3", fake_uuid(3))}
+    for r in records:
+        assert r["gpu_samples"] and all(s["memory_used_mib"] == 1024 for s in r["gpu_samples"])
+        # GPU 3 does not support utilization: its memory samples are kept all the same
+        assert all(("utilization" in s) == (r["gpu"] == "2") for s in r["gpu_samples"])
+    assert sorted(p.name for p in lock_dir.iterdir()) == sorted(
+        f"gpu-{fake_uuid(g)}.{j}.lock" for g in (2, 3) for j in (0, 1))
+    assert nvml.inits == nvml.shutdowns
 
 
 def test_without_nvml_the_watcher_and_the_sampler_are_inert():
-    if nvml_works():
-        pytest.skip("NVML works on this machine")
     said = []
-    telemetry = GpuTelemetry(say=said.append)  # the real pynvml
+    telemetry = GpuTelemetry(say=said.append)  # pynvml as the conftest left it: absent
     started(telemetry, gpu_slots("0", "1"))
     with GpuSampler("0", interval_s=0.01) as sampler:
         time.sleep(0.05)
@@ -246,19 +222,21 @@ def test_a_failing_gpu_stops_its_sampler_and_says_why_in_the_record():
     good.stop()
     bad.stop()
     assert len(good.samples) == 3 and bad.samples == []
-    assert bad.error == "sampling GPU 1 failed (GPU is lost); stopped sampling it"
-    assert GpuSampler("7", nvml=nvml).start().error == "GPU 7 cannot be read through NVML (Invalid Argument)"
+    assert bad.error == "sampling GPU 1 failed (GPU is lost (NVMLError_GpuIsLost)); stopped sampling it"
+    assert GpuSampler("7", nvml=nvml).start().error == ("GPU 7 cannot be read through NVML "
+                                                       "(Invalid Argument (NVMLError_InvalidArgument))")
     assert nvml.inits == nvml.shutdowns == 3
 
 
 def test_nvml_init_failure_is_one_info_line():
     said = []
-    telemetry = GpuTelemetry(nvml=FakeNvml(fail_init="Driver Not Loaded"), say=said.append)
+    telemetry = GpuTelemetry(nvml=FakeNvml(init_error=ERR.DRIVER_NOT_LOADED), say=said.append)
     started(telemetry, gpu_slots("0"))
-    assert said == ["GPU telemetry off: NVML not available (Driver Not Loaded)"]
-    sampler = GpuSampler("0", nvml=FakeNvml(fail_init="Driver Not Loaded")).start()
-    sampler.stop()
-    assert not sampler.sampled and sampler.error is None  # no NVML: a normal machine
+    assert said == ["GPU telemetry off: NVML not available (Driver Not Loaded (NVMLError_DriverNotLoaded))"]
+    for code in (ERR.DRIVER_NOT_LOADED, ERR.NO_PERMISSION):  # a failing NVML was said once, at start
+        sampler = GpuSampler("0", nvml=FakeNvml(init_error=code)).start()
+        sampler.stop()
+        assert not sampler.sampled and sampler.error is None
 
     said.clear()
     nvml = FakeNvml()
@@ -267,17 +245,117 @@ def test_nvml_init_failure_is_one_info_line():
     assert said == ["GPU telemetry off: the trials run on CPU slots"] and nvml.shutdowns == 1
 
 
-# -- bench/gpu_check.py ---------------------------------------------------------------------
+def test_each_field_is_read_on_its_own_and_memory_used_is_v2():
+    mig = "MIG-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+    nvml = FakeNvml(migs={mig: 0}, no_utilization={1})
+    nvml.used[0] = 2048 * MIB
+    for gpu, expected in ((mig, {"memory_used_mib": 2048}), ("1", {"memory_used_mib": 1024}),
+                          ("0", {"utilization": 50, "memory_used_mib": 2048})):
+        sampler = GpuSampler(gpu, nvml=nvml, interval_s=3600).start()
+        sampler.sample_now()
+        sampler.stop()
+        assert sampler.error is None and [{k: v for k, v in s.items() if k != "t"} for s in sampler.samples] == [expected]
+    old = FakeNvml(no_memory_v2=True)  # a driver without the v2 call: v1, reserved memory included
+    sampler = GpuSampler("0", nvml=old, interval_s=3600).start()
+    sampler.sample_now()
+    sampler.stop()
+    assert sampler.samples[0]["memory_used_mib"] == 1024 + 300
+    said = []
+    started(GpuTelemetry(nvml=nvml, say=said.append), [{"index": 0, "gpu": mig, "ordinal": 0, "uuid": mig}])
+    assert said == ["GPU MIG-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee: Fake GPU A MIG 1g.10gb, 81559 MiB "
+                    "(2048 MiB in use), 1 trial slot"]
 
-def test_gpu_check_script_parses_and_needs_torch():
-    script = ROOT / "bench" / "gpu_check.py"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    help_run = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
-                              env=env, timeout=60)
-    assert help_run.returncode == 0 and "--gpu" in help_run.stdout
+
+def test_a_gpu_that_supports_no_field_stops_its_sampler():
+    nvml = FakeNvml(no_utilization={0})
+    nvml.nvmlDeviceGetMemoryInfo = lambda handle, version=None: (_ for _ in ()).throw(nvml.error(ERR.NOT_SUPPORTED))
+    sampler = GpuSampler("0", nvml=nvml, interval_s=3600).start()
+    sampler.sample_now()
+    sampler.stop()
+    assert sampler.samples == [] and "Not Supported" in sampler.error
+
+
+# -- bench/gpu_check.py (it runs on the lent GPU machine; here, what runs without a GPU) -----
+
+LENT_MACHINE_LACKS = ("prefect", "cmaes", "optuna", "distributed")
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_needs_no_prefect_and_stops_without_cuda(tmp_path):
+    """The plain mode imports nothing the lent machine lacks; without torch, and with a torch
+    that sees no CUDA, it stops with exit 2 and the driver version."""
+    for name in LENT_MACHINE_LACKS:
+        (tmp_path / f"{name}.py").write_text(f"raise ImportError('{name} is not on the lent GPU machine')\n")
+    script = [sys.executable, str(ROOT / "bench" / "gpu_check.py")]
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    help_run = subprocess.run([*script, "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert help_run.returncode == 0 and "--mode" in help_run.stdout
     try:
         import torch  # noqa: F401
+        has_torch = True
     except ImportError:
-        run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
-                             timeout=60)
-        assert run.returncode == 2 and "pip install torch" in run.stderr
+        has_torch = False
+    if not has_torch:
+        run = subprocess.run(script, capture_output=True, text=True, env=env, timeout=60)
+        assert run.returncode == 2 and "gpu_check: torch is not installed for" in run.stderr
+        assert "; NVIDIA driver " in run.stderr and "Traceback" not in run.stderr
+    (tmp_path / "torch").mkdir()  # a torch without CUDA, as on a driver too old for its CUDA
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "from types import SimpleNamespace\n__version__ = '2.9.0+fake'\nversion = SimpleNamespace(cuda='13.0')\n"
+        "cuda = SimpleNamespace(is_available=lambda: False)\n")
+    run = subprocess.run(script, capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "gpu_check: torch 2.9.0+fake (built for CUDA 13.0) sees no CUDA device; NVIDIA driver " in run.stderr
+    assert "NVIDIA driver: " in run.stdout
+
+
+FAKE_CUDA_TRAIN = """\
+import argparse, json, math, os, time
+from autofinetune import report_final_result
+p = argparse.ArgumentParser()
+p.add_argument("--lr", type=float)
+p.add_argument("--seconds", type=float)
+p.add_argument("--saved_params_dir")
+args, _ = p.parse_known_args()
+cuda = os.environ["CUDA_VISIBLE_DEVICES"]
+uuid = cuda if cuda.startswith("GPU-") else "GPU-%08x-1111-2222-3333-444444444444" % int(cuda)
+time.sleep(args.seconds)
+os.makedirs(args.saved_params_dir, exist_ok=True)
+json.dump({"CUDA_VISIBLE_DEVICES": cuda, "cuda": True, "device_count": 1, "name": "Fake GPU",
+           "uuid": uuid.removeprefix("GPU-"), "max_memory_allocated_mib": 9, "steps": 1},
+          open(os.path.join(args.saved_params_dir, "seen.json"), "w"))
+report_final_result(-abs(math.log10(args.lr) + 3))
+"""
+
+
+def test_gpu_check_runs_its_passes_and_checks_each_trial(tmp_path, monkeypatch, capsys):
+    """gpu_check's plain mode on a fake NVML with a train.py that plays CUDA: both passes run,
+    every trial is reported and checked (torch itself only runs on the lent machine)."""
+    gpu_check = load_gpu_check()
+    install_nvml(monkeypatch, FakeNvml())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(gpu_check, "TRAIN_PY", FAKE_CUDA_TRAIN)
+    monkeypatch.setattr(gpu_check, "probe_torch", lambda python, timeout: (
+        {"torch": "fake", "built_for_cuda": "13.0", "cuda": True, "devices": ["Fake GPU"], "import_s": 0}, None))
+    for name in ("AUTOFINETUNE_GPU_SAMPLE_S", "AUTOFINETUNE_LOCK_DIR", "PYTHONPATH"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # check() sets them: restored afterwards
+    code = gpu_check.main(["--gpu", "1", "--seconds", "0.4", "--sample-s", "0.1", "--keep", str(tmp_path / "w")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "NVIDIA driver: 580.95.05" in out and f"GPU 1: Fake GPU B, {fake_uuid(1)}" in out
+    assert f"pass uuid: the parent's CUDA_VISIBLE_DEVICES={fake_uuid(1)}" in out
+    assert out.count("saw: CUDA_VISIBLE_DEVICES='1'") == 4 and out.count(f"saw: CUDA_VISIBLE_DEVICES='{fake_uuid(1)}'") == 2
+    assert f"lock gpu-{fake_uuid(1)}.1.lock" in out and "OK: every trial ran on its slot's GPU" in out
+    record = {"round": 0, "candidate": 1, "outcome": "ok", "gpu": "1", "gpu_uuid": fake_uuid(1), "log": "l",
+              "gpu_samples": [{"t": 1, "utilization": 0, "memory_used_mib": 0}]}
+    assert gpu_check.trial_problems(record, {"CUDA_VISIBLE_DEVICES": "1", "cuda": True, "device_count": 1,
+                                             "uuid": fake_uuid(0)}) == [
+        f"round 0 trial 1: CUDA device {fake_uuid(0)} is not NVML's {fake_uuid(1)} for slot '1': CUDA numbers "
+        "the GPUs differently (CUDA_DEVICE_ORDER?)",
+        "round 0 trial 1: no memory sample above 0 MiB", "round 0 trial 1: every utilization sample is 0%"]

@@ -127,6 +127,7 @@ def test_trials_never_exceed_cpu_slots(toy, monkeypatch):
 
 def test_gpu_slots_each_trial_sees_its_gpu(toy, monkeypatch):
     events = toy / "events.txt"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the GPUs this job may use (no NVML here)
     code = run_cli(toy, monkeypatch, "--popsize", "8", "--round", "1", "--gpu", "0,1",
                    "--trials-per-gpu", "2", "--output-dir", "out", "sleep", "0.6", "events", str(events))
     assert code == 0
@@ -184,7 +185,7 @@ def test_no_score_at_all_exits_1(toy, monkeypatch):
     (["--tuning-strategy", "bayes"], "--tuning-strategy 'bayes' is not one of hazero, pshe2"),
     (["--trial-timeout", "0"], "--trial-timeout must be a positive number"),
     (["--gpu", "0,0"], "a GPU is listed twice"),
-    (["--gpu", "a"], "expected comma-separated GPU indices"),
+    (["--gpu", "a"], "expected comma-separated GPU ids"),
     (["--python", "/nonexistent/python"], "--python '/nonexistent/python'"),
     (["--popsize", "x"], "invalid int value: 'x'"),
 ])

@@ -7,7 +7,8 @@ memory samples are taken where the trial runs (``runtime.gpu_sampling``) and arr
 the trial's record.
 
 Without NVML (no driver, no GPU, no library) one info line says so; a machine without
-GPUs is normal for this tool, never an error. NVML is passed in (``nvml=``) so that tests
+GPUs is normal for this tool, never an error. A GPU is read by its NVML UUID when the
+search resolved one (``runtime.gpus``), else by its id (an index or a UUID). NVML is passed in (``nvml=``) so that tests
 can drive the watcher with a small fake.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runtime.gpu_sampling import DEFAULT_INTERVAL_S, INTERVAL_ENV, interval_from_env
+from runtime.gpus import close_nvml, describe_nvml_error, memory_info, nvml_handle, open_nvml
 
 __all__ = ["GpuTelemetry", "gpu_line", "busy_warning", "process_name"]
 
@@ -103,52 +105,34 @@ class GpuTelemetry:
             self._say("GPU telemetry: the trials run on Dask workers; each samples its own GPU into its trial record")
             return
         slots = [s for s in info.get("slots") or () if s.get("gpu") is not None]
-        nvml, reason = self._open_nvml()
+        nvml, problem = open_nvml(self._nvml)
         if nvml is None:
-            self._say(f"GPU telemetry off: NVML not available ({reason})")
+            self._say(f"GPU telemetry off: NVML not available ({problem.text})")
             return
         if not slots:
             self._say("GPU telemetry off: the trials run on CPU slots")
-            self._shutdown(nvml)
+            close_nvml(nvml)
             return
-        per_gpu: dict[str, int] = {}
+        per_gpu: dict[str, list] = {}  # id -> [how NVML reads it, slots]
         for slot in slots:
-            per_gpu[str(slot["gpu"])] = per_gpu.get(str(slot["gpu"]), 0) + 1
-        for gpu, count in per_gpu.items():
+            entry = per_gpu.setdefault(str(slot["gpu"]), [slot.get("uuid") or str(slot["gpu"]), 0])
+            entry[1] += 1
+        for gpu, (readable, count) in per_gpu.items():
             try:
-                handle = nvml.nvmlDeviceGetHandleByIndex(int(gpu))
-                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                handle = nvml_handle(nvml, readable)
+                memory = memory_info(nvml, handle)
                 self._say(gpu_line(gpu, _text(nvml.nvmlDeviceGetName(handle)), int(memory.total),
                                    int(memory.used), count))
             except Exception as exc:  # noqa: BLE001 - report and leave that GPU unsampled
-                self._say(f"GPU telemetry: GPU {gpu} cannot be read through NVML ({exc})")
+                self._say(f"GPU telemetry: GPU {gpu} cannot be read through NVML ({describe_nvml_error(exc)})")
                 continue
             self.gpus.append(gpu)
             others = self._other_processes(nvml, handle)
             if others:
                 self._say(busy_warning(gpu, others))
-        self._shutdown(nvml)
+        close_nvml(nvml)
 
     # -- NVML ------------------------------------------------------------------------------
-    def _open_nvml(self) -> tuple[Any, str | None]:
-        nvml = self._nvml
-        if nvml is None:
-            try:
-                import pynvml as nvml
-            except ImportError as exc:
-                return None, f"nvidia-ml-py is not installed: {exc}"
-        try:
-            nvml.nvmlInit()
-        except Exception as exc:  # noqa: BLE001 - NVMLError (no driver/library), OSError, ...
-            return None, str(exc) or type(exc).__name__
-        return nvml, None
-
-    @staticmethod
-    def _shutdown(nvml: Any) -> None:
-        try:
-            nvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
 
     def _other_processes(self, nvml: Any, handle: Any) -> list[tuple[int, str | None, int | None]]:
         try:
