@@ -34,9 +34,9 @@ _CANCEL_POLL_S = 2.0  # how often it asks the API whether the run was cancelled 
 
 
 class _CancelWatch:
-    """Whether this round's run or the search's top run was cancelled (Cancelling/Cancelled)
-    in the Prefect UI or API. A worker SIGTERMs the runs it started; a run started from the
-    command line has nobody to do that, so the round asks, every ``_CANCEL_POLL_S``."""
+    """Whether this round's run or the search's top run was cancelled in the Prefect UI or
+    API. A worker SIGTERMs the runs it started; a run started from the command line has
+    nobody to do that, so the round asks, every ``_CANCEL_POLL_S``."""
 
     def __init__(self) -> None:
         from prefect.context import FlowRunContext
@@ -51,11 +51,7 @@ class _CancelWatch:
         if self.client is None or time.monotonic() < self.next_check:
             return False
         self.next_check = time.monotonic() + _CANCEL_POLL_S
-        try:
-            states = [self.client.read_flow_run(run_id).state for run_id in self.ids]
-        except Exception:  # an API hiccup; a dead API is the CLI's watchdog's business
-            return False
-        return any(state is not None and state.type.value in ("CANCELLING", "CANCELLED") for state in states)
+        return signals.cancelled_in_prefect(self.client, self.ids)
 
 
 def round_summary(k: int, records: list[dict], names: list[str]) -> str:

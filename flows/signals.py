@@ -12,8 +12,10 @@ to the process after restoring the previous handler, and the CLI treats the resu
 Without the CLI (a deployment run started by a worker, whose cancel or stop SIGTERMs the
 flow-run process), the top flow's ``stops_search`` defers Prefect's handling: the first
 SIGTERM marks the run dir stopped, so the trials' process groups are terminated and the
-state is saved as for Ctrl-C, and only then is ``TerminationSignal`` raised, so that
-Prefect's engine ends the run as it intends (Cancelled for a cancel, Crashed otherwise).
+state is saved as for Ctrl-C; then the run ends Cancelled when it was cancelled in Prefect
+(its state is Cancelling), else ``TerminationSignal`` is raised and Prefect's engine ends
+it Crashed. (Prefect 3.9.1 loses the worker's "cancel" intent once a nested subflow's
+SIGTERM scope has ended, so the run's state on the server decides, not the intent.)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import signal
 import threading
 from typing import Callable, Iterator
 
-__all__ = ["register", "unregister", "reassert", "stops_search"]
+__all__ = ["register", "unregister", "reassert", "stops_search", "cancelled_in_prefect"]
 
 _handler: Callable | None = None
 
@@ -86,9 +88,21 @@ def stops_search(marker) -> Iterator[None]:
         unregister(previous)
     if deferred.received:
         marker.clear()  # served: the trials saw it; a retry of this run resumes
+        from prefect.context import FlowRunContext
         from prefect.exceptions import TerminationSignal
 
-        raise TerminationSignal(signal=signal.SIGTERM)
+        context = FlowRunContext.get()
+        if context is None or not cancelled_in_prefect(context.client, {context.flow_run.id}):
+            raise TerminationSignal(signal=signal.SIGTERM)
+
+
+def cancelled_in_prefect(client, run_ids) -> bool:
+    """Whether any of these flow runs is Cancelling or Cancelled (an API error: no)."""
+    try:
+        states = [client.read_flow_run(run_id).state for run_id in run_ids]
+    except Exception:  # an API hiccup; a dead API is the CLI's watchdog's business
+        return False
+    return any(state is not None and state.type.value in ("CANCELLING", "CANCELLED") for state in states)
 
 
 def register_sigterm(handler: Callable) -> dict:

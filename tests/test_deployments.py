@@ -124,10 +124,10 @@ def toy_work(tmp_path) -> Path:
     return tmp_path
 
 
-def run_toy_search(env, work: Path, root: Path, events: Path) -> str:
+def run_toy_search(env, work: Path, root: Path, events: Path, sleep: float = 3) -> str:
     """``prefect deployment run`` of a small toy search (2 rounds x 2 trials on one CPU slot,
-    3 s each); returns the flow run's id."""
-    extras = {"extras": ["sleep", "3", "events", str(events)]}
+    ``sleep`` s each); returns the flow run's id."""
+    extras = {"extras": ["sleep", str(sleep), "events", str(events)]}
     out = prefect(env, "deployment", "run", DEPLOYMENT, "--param", f"script={work / 'train.py'}",
                   "--param", f"param_file={work / 'hparam.yaml'}", "--param", "popsize=2",
                   "--param", "rounds=2", "--param", "cpu_slots=1", "--param", "seed=3",
@@ -246,6 +246,43 @@ def test_a_killed_run_is_crashed_by_its_worker_and_retry_resumes_it(deployed, tm
         while "prefect.flow_runs.worker - Check whether" not in worker.output():
             assert time.monotonic() < deadline, worker.output()
             time.sleep(0.2)
+        retry_and_check_resumed(env, run_id, run_dir, events, worker)
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize("how, final", [("cancel", "CANCELLED"), ("sigterm", "CRASHED")])
+def test_a_cancelled_or_stopped_run_stops_its_trials_and_retry_resumes_it(deployed, tmp_path, how, final):
+    """Cancel in the UI (``prefect flow-run cancel``: the worker SIGTERMs the flow-run
+    process) or stop the process as a service manager stopping the worker's host would
+    (SIGTERM): the running trial's group is terminated, nothing more launches, the run ends
+    Cancelled or Crashed, and ``prefect flow-run retry`` resumes it."""
+    env, _ = deployed
+    work, root, events = toy_work(tmp_path), tmp_path / "runs", tmp_path / "events.txt"
+    worker = Worker(env, tmp_path)
+    try:
+        run_id = run_toy_search(env, work, root, events, sleep=12)  # outlasts `prefect flow-run cancel`
+        run_dir = wait_mid_round_1(root, events, worker)
+        flow_pid = int((run_dir / ".lock").read_text())
+        trial_pids = [int(w[2]) for w in map(str.split, events.read_text().splitlines()) if w[0] == "start"]
+        if how == "cancel":
+            prefect(env, "flow-run", "cancel", run_id)
+        else:
+            os.kill(flow_pid, signal.SIGTERM)
+        sent = time.monotonic()
+        run = wait_for_state(env, run_id, {"CANCELLED", "CRASHED", "FAILED", "COMPLETED"}, timeout=90)
+        assert run.state_type.value == final, worker.output()
+        deadline = time.monotonic() + 30
+        while pid_alive(flow_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(flow_pid) and time.monotonic() - sent < 60
+        assert not any(pid_alive(pid) for pid in trial_pids)  # no orphaned trial
+        assert trial_starts(events) == {(0, 0): 1, (0, 1): 1, (1, 0): 1, (1, 1): 1}  # nothing launched after
+        assert not list(run_dir.glob("round*/.pid-*")) and not (run_dir / ".stop").exists()
+        state = json.loads((run_dir / "state.json").read_text())
+        assert state["next_round"] == 1
+        assert json.loads((run_dir / "round1" / "trial-1.json").read_text())["outcome"] == "interrupted"
+        assert pid_alive(worker.proc.pid)
         retry_and_check_resumed(env, run_id, run_dir, events, worker)
     finally:
         worker.stop()

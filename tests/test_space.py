@@ -87,13 +87,31 @@ def test_extensions_log_and_choice(tmp_path):
     lr, units, opt = space.params
     assert lr == FloatParam(name="lr", init_value=0.001, low=1e-6, high=1.0, log=True)
     assert units == IntParam(name="units", init_value=64, low=8, high=512, log=True)
-    assert opt == ChoiceParam(name="opt", init_value="adam", values=("adam", "sgd", 0.5, 3, True))
+    # choice values as the YAML spells them: they reach the script exactly as written
+    assert opt == ChoiceParam(name="opt", init_value="adam", values=("adam", "sgd", "0.5", "3", "true"))
     # log scale: the geometric middle sits at the box centre
     assert space.denormalize([0, 0, 0])["lr"] == pytest.approx(1e-3)
     assert space.denormalize([0, 0, 0])["units"] == 64
     # choice: five equal bins of the box
-    assert [opt.denormalize(x) for x in (-1, -0.5, 0.0, 0.4, 0.8, 1)] == ["adam", "sgd", 0.5, 3, True, True]
-    assert [space.format_value("opt", v) for v in opt.values] == ["adam", "sgd", "0.5", "3", "True"]
+    assert [opt.denormalize(x) for x in (-1, -0.5, 0.0, 0.4, 0.8, 1)] == ["adam", "sgd", "0.5", "3", "true", "true"]
+    assert [space.format_value("opt", v) for v in opt.values] == ["adam", "sgd", "0.5", "3", "true"]
+
+
+def test_choice_values_reach_the_command_line_exactly_as_written(tmp_path):
+    space = SearchSpace.from_yaml(write(tmp_path, """\
+        param_list:
+          - {name: flag, type: choice, init_value: yes, values: [true, False, yes, off, 1e-3, 0x10, "1.50"]}
+        """))
+    (flag,) = space.params
+    assert flag.init_value == "yes"
+    assert [space.format_value("flag", v) for v in flag.values] == ["true", "False", "yes", "off", "1e-3",
+                                                                   "0x10", "1.50"]
+    # the same spelling twice (true / "true") is one value on a command line: refused
+    with pytest.raises(SearchSpaceError, match=r"values\[1\]='true' repeats values\[0\]='true'"):
+        SearchSpace.from_yaml(write(tmp_path, """\
+            param_list:
+              - {name: flag, type: choice, init_value: true, values: [true, "true"]}
+            """))
 
 
 def test_steps_in_the_box():

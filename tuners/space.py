@@ -325,6 +325,7 @@ class SearchSpace:
             problem = getattr(e, "problem", None) or str(e)
             raise SearchSpaceError(f"{source}: {where}invalid YAML ({_one_line(problem)}); fix the syntax "
                                    "(indentation, 'key: value', '- ' before each entry)") from None
+        _choices_as_written(data, yaml.load(text, Loader=yaml.BaseLoader))
         return cls.from_dict(data, source=source)
 
     @classmethod
@@ -627,6 +628,27 @@ def _same_scalar(a: Any, b: Any) -> bool:
 
 def _typed(v: Any) -> tuple[str, Any]:
     return (type(v).__name__, v)
+
+
+def _choices_as_written(data: Any, raw: Any) -> None:
+    """Give choice parameters their values as the YAML spells them (``raw``: the same document
+    read with every scalar a string), so that ``true``, ``yes`` or ``1e-3`` reach the script
+    exactly as written, not as ``True`` or ``0.001``. Leaves anything malformed to from_dict."""
+    entries = data.get("param_list") if isinstance(data, Mapping) else None
+    raw_entries = raw.get("param_list") if isinstance(raw, Mapping) else None
+    if not isinstance(entries, list) or not isinstance(raw_entries, list) or len(entries) != len(raw_entries):
+        return
+    for entry, raw_entry in zip(entries, raw_entries):
+        if not (isinstance(entry, dict) and isinstance(raw_entry, Mapping)
+                and str(entry.get("type", "")).lower() == "choice"):
+            continue
+        values, raw_values = entry.get("values"), raw_entry.get("values")
+        if isinstance(values, list) and isinstance(raw_values, list) and len(values) == len(raw_values):
+            entry["values"] = [r if isinstance(v, (bool, int, float)) and isinstance(r, str) else v
+                               for v, r in zip(values, raw_values)]
+        init, raw_init = entry.get("init_value"), raw_entry.get("init_value")
+        if isinstance(init, (bool, int, float)) and isinstance(raw_init, str):
+            entry["init_value"] = raw_init
 
 
 def _format_scalar(v: Any) -> str:
