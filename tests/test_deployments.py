@@ -253,20 +253,22 @@ def test_a_killed_run_is_crashed_by_its_worker_and_retry_resumes_it(deployed, tm
 
 @pytest.mark.parametrize("how, final", [("cancel", "CANCELLED"), ("sigterm", "CRASHED")])
 def test_a_cancelled_or_stopped_run_stops_its_trials_and_retry_resumes_it(deployed, tmp_path, how, final):
-    """Cancel in the UI (``prefect flow-run cancel``: the worker SIGTERMs the flow-run
+    """Cancel in the UI (the run set Cancelling; its worker then SIGTERMs the flow-run
     process) or stop the process as a service manager stopping the worker's host would
     (SIGTERM): the running trial's group is terminated, nothing more launches, the run ends
     Cancelled or Crashed, and ``prefect flow-run retry`` resumes it."""
     env, _ = deployed
+    from prefect.states import Cancelling
+
     work, root, events = toy_work(tmp_path), tmp_path / "runs", tmp_path / "events.txt"
     worker = Worker(env, tmp_path)
     try:
-        run_id = run_toy_search(env, work, root, events, sleep=12)  # outlasts `prefect flow-run cancel`
+        run_id = run_toy_search(env, work, root, events, sleep=12)  # round 1 is still running when the test acts
         run_dir = wait_mid_round_1(root, events, worker)
         flow_pid = int((run_dir / ".lock").read_text())
         trial_pids = [int(w[2]) for w in map(str.split, events.read_text().splitlines()) if w[0] == "start"]
-        if how == "cancel":
-            prefect(env, "flow-run", "cancel", run_id)
+        if how == "cancel":  # what the UI's Cancel and `prefect flow-run cancel` do
+            client_call(env, lambda client: client.set_flow_run_state(run_id, Cancelling()))
         else:
             os.kill(flow_pid, signal.SIGTERM)
         sent = time.monotonic()
