@@ -120,11 +120,11 @@ class ApiWatchdog(threading.Thread):
         super().__init__(name="autofinetune-api-watchdog", daemon=True)
         self.api_url, self.on_dead, self.dead_after = api_url, on_dead, dead_after
         self.down = False
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
         last_answer = time.monotonic()
-        while not self._stop.wait(PROBE_EVERY_S):
+        while not self._stopping.wait(PROBE_EVERY_S):
             reason = probe_api(self.api_url, timeout=min(_PROBE_TIMEOUT_S, self.dead_after))
             if reason is None:
                 last_answer, self.down = time.monotonic(), False
@@ -135,7 +135,7 @@ class ApiWatchdog(threading.Thread):
                 return
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
 
 class QuietConsole(logging.Filter):
