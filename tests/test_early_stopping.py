@@ -370,3 +370,25 @@ def test_off_tells_the_tuner_exactly_what_it_was_told_before(curves, monkeypatch
         tuner.tell([-(r["params"]["x"] - 0.3) ** 2 + 0.06 for r in row])
     assert json.loads((curves / "off" / "state.json").read_text())["tuner"] == json.loads(
         json.dumps(tuner.state_dict()))
+
+
+@pytest.mark.slow  # a real CLI process killed, then resumed
+@pytest.mark.usefixtures("prefect_api", "lock_dir")
+def test_sigkill_during_a_pruning_decision_then_resume_decides_the_same(curves, monkeypatch, prefect_server):
+    args = ["--early-stop", "median", "wait", "0.05"]
+    reference = search(curves, monkeypatch, "ref", *args)
+    env = {**prefect_server, "PYTHONPATH": str(ROOT), "AUTOFINETUNE_KILL_AT": "prune_decided#1",
+           "AUTOFINETUNE_PROGRESS": "plain"}
+    killed = subprocess.run([sys.executable, "-m", "flows.autofinetune", "train.py", "--param-file", "hparam.yaml",
+                             *SEARCH, "--output-dir", "run", *args], cwd=curves, env=env, capture_output=True,
+                            text=True, timeout=240)
+    assert killed.returncode == -9, killed.stdout[-3000:] + killed.stderr[-3000:]
+    decided = list((curves / "run").glob("round1/.prune-*"))
+    assert len(decided) == 1  # written before the kill, not yet recorded
+    resumed = search(curves, monkeypatch, "run", *args)
+
+    def decisions(rows):
+        return [(r["round"], r["candidate"], r["outcome"], r["score"], r.get("pruned")) for row in rows for r in row]
+    assert decisions(resumed) == decisions(reference)
+    state, ref_state = (json.loads((curves / out / "state.json").read_text()) for out in ("run", "ref"))
+    assert state["tuner"] == ref_state["tuner"] and state["best"] == ref_state["best"]
