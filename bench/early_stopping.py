@@ -14,6 +14,8 @@ off``, ``median`` and ``asha`` (defaults: min steps 1, reduction factor 3, min r
 against one ``prefect server start``. Measured, from the run dirs' ``trial-<i>.json``:
 
   trial time   the sum of the trials' durations (process start to exit): the GPU-hours proxy
+  steps        the sum of the steps (of epochs) the trials trained: the same proxy without the
+               process start-up, and without the noise of a shared machine
   best         the best validation accuracy the search found
   pruned       trials stopped early
 
@@ -65,6 +67,7 @@ def run_search(work: Path, env: dict, task: str, seed: int, rule: str, popsize: 
     records = [json.loads(p.read_text()) for p in out.glob("round*/trial-*.json")]
     scores = [r["score"] for r in records if r["outcome"] == "ok"]
     return {"trial_s": sum(r["duration_s"] for r in records), "best": max(scores),
+            "steps": sum(len(r.get("curve") or ()) for r in records),
             "pruned": sum(r["outcome"] == "pruned" for r in records), "trials": len(records),
             "wall_s": time.monotonic() - t0}
 
@@ -76,10 +79,10 @@ def run_optuna(task: str, seed: int, pruner: str, n_trials: int, data) -> dict:
     made = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
             "successive_halving": optuna.pruners.SuccessiveHalvingPruner}[pruner]()
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed), pruner=made)
-    spent = 0.0
+    spent, steps = 0.0, 0
 
     def objective(trial) -> float:
-        nonlocal spent
+        nonlocal spent, steps
         params = {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 0.5, log=True),
                   "alpha": trial.suggest_float("alpha", 1e-6, 1.0, log=True),
                   "hidden_size": trial.suggest_int("hidden_size", 4, 128),
@@ -87,6 +90,7 @@ def run_optuna(task: str, seed: int, pruner: str, n_trials: int, data) -> dict:
         t0 = time.monotonic()
         try:
             for epoch, accuracy in train_epochs(task, params, data):
+                steps += 1
                 trial.report(accuracy, epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned()
@@ -96,7 +100,8 @@ def run_optuna(task: str, seed: int, pruner: str, n_trials: int, data) -> dict:
 
     study.optimize(objective, n_trials=n_trials)
     states = [t.state.name for t in study.trials]
-    return {"trial_s": spent, "best": study.best_value, "pruned": states.count("PRUNED"), "trials": len(states)}
+    return {"trial_s": spent, "best": study.best_value, "steps": steps, "pruned": states.count("PRUNED"),
+            "trials": len(states)}
 
 
 def summary(rows: list[dict], base: list[dict]) -> dict:
@@ -104,18 +109,20 @@ def summary(rows: list[dict], base: list[dict]) -> dict:
     q = statistics.quantiles(best, n=4, method="inclusive") if len(best) > 1 else [best[0]] * 3
     base_best = statistics.median(r["best"] for r in base)
     return {"trial_s": sum(r["trial_s"] for r in rows), "ratio": sum(r["trial_s"] for r in rows)
-            / sum(r["trial_s"] for r in base), "best_median": statistics.median(best), "iqr": q[2] - q[0],
+            / sum(r["trial_s"] for r in base), "steps_ratio": sum(r["steps"] for r in rows)
+            / sum(r["steps"] for r in base), "best_median": statistics.median(best), "iqr": q[2] - q[0],
             "best_delta": statistics.median(best) - base_best, "pruned": sum(r["pruned"] for r in rows),
             "trials": sum(r["trials"] for r in rows)}
 
 
 def table(title: str, results: dict, modes: tuple, seeds: list[int]) -> list[str]:
-    lines = [f"| task | {title} | trial time s (sum of {len(seeds)} seeds) | × baseline | saved | best, median "
-             "(IQR) | best − baseline | trials pruned |", "|---|---|---:|---:|---:|---|---:|---:|"]
+    lines = [f"| task | {title} | trial time s (sum of {len(seeds)} seeds) | × baseline | saved | steps × baseline "
+             "| best, median (IQR) | best − baseline | trials pruned |", "|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for task in TASKS:
         for mode in modes:
             s = summary(results[task][mode], results[task][modes[0]])
             lines.append(f"| {task} | {mode} | {s['trial_s']:.1f} | {s['ratio']:.2f} | {1 - s['ratio']:.0%} | "
+                         f"{s['steps_ratio']:.2f} | "
                          f"{s['best_median']:.4f} ({s['iqr']:.4f}) | {s['best_delta']:+.4f} | "
                          f"{s['pruned']}/{s['trials']} |")
     return lines
