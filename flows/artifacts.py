@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from runtime.trial import outcome_counts
+
 __all__ = ["artifact_key_base", "round_table", "best_markdown", "PrefectArtifacts"]
 
 _DATED = re.compile(r"^output_\d{14}$")
@@ -25,7 +27,9 @@ def artifact_key_base(output_dir: str | Path) -> str:
 
 
 def round_table(records: list[dict], names: list[str]) -> list[dict]:
-    """One row per candidate: hyperparameters, score, outcome, slot/GPU, duration, parent."""
+    """One row per candidate: hyperparameters, score, outcome, slot/GPU, duration, parent, and in
+    a round with trials stopped early, ``stopped_at``: the step and value each last reported."""
+    any_pruned = any(r["outcome"] == "pruned" for r in records)
     rows = []
     for r in records:
         row = {"candidate": r["candidate"]}
@@ -38,6 +42,9 @@ def round_table(records: list[dict], names: list[str]) -> list[dict]:
             "duration_s": r.get("duration_s"),
             "parent": r.get("parent") or "-",
         })
+        if any_pruned:
+            row["stopped_at"] = (f"step {r['curve'][-1][0]}: {r['curve'][-1][1]}"
+                                 if r["outcome"] == "pruned" and r.get("curve") else "-")
         rows.append(row)
     return rows
 
@@ -65,9 +72,11 @@ class PrefectArtifacts:
     def round_finished(self, k: int, records: list[dict], best: dict | None) -> None:
         from prefect.artifacts import create_table_artifact
 
+        counts = outcome_counts(records)
         create_table_artifact(
             key=f"{self.key}-round-{k}", table=round_table(records, self.names),
-            description=f"autofinetune round {k}: every candidate, its outcome and its parent")
+            description=f"autofinetune round {k}: every candidate, its outcome and its parent "
+                        f"({counts['ok']} finished, {counts['pruned']} stopped early, {counts['failed']} failed)")
 
     def search_finished(self, summary: dict) -> None:
         from prefect.artifacts import create_markdown_artifact

@@ -75,6 +75,9 @@ def autofinetune(script: str = "train.py", param_file: str = "hparam.yaml", gpu:
                  seed: int | None = None, trial_timeout: float | None = None,
                  trials_per_gpu: int = 1, cpu_slots: int = 1, python: str | None = None,
                  trial_retries: int = 0, pbt_epochs: int = 1, keep_checkpoints: str = "all",
+                 early_stop: str = "off", early_stop_min_steps: int = 1,
+                 early_stop_reduction_factor: int = 3, early_stop_min_resource: int = 1,
+                 early_stop_grace: float = 30.0,
                  dask_address: str | None = None, dask_local: int | None = None,
                  extras: list[str] | None = None, cwd: str | None = None,
                  output_root: str | None = None) -> dict:

@@ -22,7 +22,7 @@ from prefect.states import Cancelled
 from flows import signals
 from runtime.rundir import RunDir, trial_rank_key
 from runtime.search import finished_trial, parents_for
-from runtime.trial import crash_warning, read_pid_file
+from runtime.trial import crash_warning, outcome_counts, read_pid_file
 from tasks.steps import (plan_parents_and_prune, propose_candidates, tell_tuner, train_candidate,
                          update_best_model)
 from watch.watchers import Watchers
@@ -57,15 +57,21 @@ class _CancelWatch:
 def round_summary(k: int, records: list[dict], names: list[str]) -> str:
     """The original's per-round console lines, plus a count of failed trials."""
     ok = [r for r in records if r["outcome"] == "ok"]
-    failed = len(records) - len(ok)
+    counts = outcome_counts(records)
+    pruned, failed = counts["pruned"], counts["failed"]
+    stopped = f" ({pruned} of {len(records)} trials of the {k}-th round were stopped early.)" if pruned else ""
     if not ok:
-        return f"All {len(records)} trials of the {k}-th round failed; see the warnings above."
+        return (f"No trial of the {k}-th round finished with a score: {pruned} stopped early, {failed} "
+                "failed; see the lines above." if pruned else
+                f"All {len(records)} trials of the {k}-th round failed; see the warnings above.")
     best = min(ok, key=trial_rank_key)
     lines = [f"The local best eval value in the {k}-th round is {best['score']}.",
              "The local best hyperparameters are as:"]
     lines += [f"{name}={best['params'][name]}" for name in names]
     if failed:
         lines.append(f"({failed} of {len(records)} trials of the {k}-th round failed.)")
+    if stopped:
+        lines.append(stopped.strip())
     return "\n".join(lines)
 
 
@@ -123,7 +129,9 @@ def _gather(run_dir: RunDir, k: int, futures: list, candidates: list[dict], watc
                         else f"it ran again on {record.get('worker')}")
                 lost = ", ".join(map(str, record["lost_workers"]))
                 print(f"[autofinetune] r{k}c{i}: Dask worker(s) {lost} died while running it; {then}", flush=True)
-            if record["outcome"] not in ("ok", "interrupted"):
+            if record["outcome"] == "pruned":
+                print(f"[autofinetune] r{k}c{i}: {record['error']}", flush=True)
+            elif record["outcome"] not in ("ok", "interrupted"):
                 print(crash_warning(record), flush=True)
             watchers.notify("trial_finished", record)
     return records

@@ -18,7 +18,7 @@ from collections import Counter
 __all__ = ["kill_point", "KilledAtPoint", "KILL_AT_ENV", "POINTS"]
 
 KILL_AT_ENV = "AUTOFINETUNE_KILL_AT"
-POINTS = ("trial_recorded", "round_told", "best_model_copied", "plan_decided")
+POINTS = ("trial_recorded", "round_told", "best_model_copied", "plan_decided", "prune_decided")
 _passes: Counter = Counter()
 _lock = threading.Lock()
 

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from runtime.early_stopping import EARLY_STOP_RULES
 from tuners import TUNER_NAMES
 
 __all__ = ["Option", "OptionError", "OPTIONS", "OPTION_NAMES", "SEED_LIMIT", "EVALUATORS",
@@ -74,6 +75,12 @@ def _timeout(value: Any, flag: str) -> float | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
                               or value == float("inf")):
         raise OptionError(f"{flag} must be a positive number of seconds, got {value!r}")
+    return value
+
+
+def _seconds(value: Any, flag: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise OptionError(f"{flag} must be a number of seconds >= 0, got {value!r}")
     return value
 
 
@@ -140,6 +147,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("keep_checkpoints", ("--keep-checkpoints",), "all",
            f"{' | '.join(KEEP_CHECKPOINTS)}: 'needed' deletes model dirs that are neither a live parent "
            "nor best_model (default all, as the original)", check=_one_of(KEEP_CHECKPOINTS)),
+    Option("early_stop", ("--early-stop",), "off",
+           f"{' | '.join(EARLY_STOP_RULES)}: stop hopeless trials early from the scores they report with "
+           "report_intermediate (default off, as the original)", check=_one_of(EARLY_STOP_RULES)),
+    Option("early_stop_min_steps", ("--early-stop-min-steps",), 1,
+           "no trial is stopped at a reported step below N (default 1)", int, "N", _int_at_least(0)),
+    Option("early_stop_reduction_factor", ("--early-stop-reduction-factor",), 3,
+           "asha: the top 1/N of the values at a rung go on to the next (default 3)", int, "N",
+           _int_at_least(2)),
+    Option("early_stop_min_resource", ("--early-stop-min-resource",), 1,
+           "asha: the first rung's step; rungs at N*factor^j (default 1)", int, "N", _int_at_least(1)),
+    Option("early_stop_grace", ("--early-stop-grace",), 30.0,
+           "seconds a stopped trial has to exit after should_stop() turns true, before its process group "
+           "gets SIGTERM (default 30)", float, "S", _seconds),
     Option("dask_address", ("--dask-address",), None,
            "run the trials on the Dask cluster whose scheduler is at tcp://HOST:PORT, one trial per "
            "worker GPU (or per 'slot' resource, or per worker thread)", metavar="ADDR", check=_dask_address),

@@ -137,6 +137,19 @@ class RunDir:
         """The per-trial file that ``report_final_result`` writes (removed once read)."""
         return self.round_dir(k) / f".result-{i}"
 
+    def report_path(self, k: int, i: int) -> Path:
+        """The per-trial file ``report_intermediate`` appends ``<step> <value>`` lines to
+        (copied into the record as ``curve``, then removed)."""
+        return self.round_dir(k) / f".reports-{i}"
+
+    def prune_path(self, k: int, i: int) -> Path:
+        """JSON ``runtime.early_stopping.Decision``: trial i was stopped early; a re-run replays it."""
+        return self.round_dir(k) / f".prune-{i}"
+
+    def should_stop_path(self, k: int, i: int) -> Path:
+        """Present once trial i was stopped early: what ``should_stop()`` looks for."""
+        return self.round_dir(k) / f".should-stop-{i}"
+
     def pid_path(self, k: int, i: int) -> Path:
         """JSON ``{pid, start, host, slot, gpu, worker}`` of trial i's running process group
         (removed when it ends; ``runtime.trial.read_pid_file``)."""
@@ -249,7 +262,8 @@ class RunDir:
     def write_log_file(self, names: list[str], trials: list[dict], *, final: bool) -> None:
         """Rewrite ``log_file.txt``: the best so far in the original's wording, then one
         row per trial (hyperparameters, score, saved_params_dir, and what the original
-        lacked: round, candidate, outcome and parent checkpoint)."""
+        lacked: round, candidate, outcome and parent checkpoint). A trial stopped early has
+        no score; its outcome says the step and value it last reported."""
         ok = [t for t in trials if t.get("outcome") == "ok"]
         lines = []
         if ok:
@@ -266,7 +280,10 @@ class RunDir:
                                 "outcome", "parent"]))
         for t in trials:
             score = t["score"] if t.get("outcome") == "ok" else "-"
+            outcome = t["outcome"]
+            if outcome == "pruned" and t.get("curve"):  # its last reported point
+                outcome = f"pruned at step {t['curve'][-1][0]} (last value {t['curve'][-1][1]})"
             lines.append("\t".join([*(str(t["params"][n]) for n in names), str(score),
                                     t["saved_params_dir"], str(t["round"]), str(t["candidate"]),
-                                    t["outcome"], t.get("parent") or "-"]))
+                                    outcome, t.get("parent") or "-"]))
         write_text_atomic(self.log_file, "\n".join(lines) + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from runtime.early_stopping import Reference
 from runtime.kill_points import kill_point
 from runtime.population import plan_parents
 from runtime.rundir import RunDir, trial_rank_key
@@ -18,12 +19,12 @@ from runtime.state import BestTrial, Parent, ParentPlan, RunOptions, RunState, S
 from runtime.slots import Placement, SlotWaitInterrupted
 from runtime.atomic_files import read_json, write_json_atomic
 from runtime.trial import FINAL_OUTCOMES, TrialSpec, crash_warning, log_tail, reap_one, run_trial
-from tuners import SearchSpace, make_tuner
+from tuners import Pruned, SearchSpace, make_tuner
 
 __all__ = ["SearchMismatchError", "SearchInterrupted", "new_state", "check_resume", "check_rounds_on_disk",
            "propose",
            "trial_spec", "finished_trial", "run_candidate", "tell_round", "record_best", "load_tuner", "plan_next_parents",
-           "parents_for"]
+           "parents_for", "tuner_score"]
 
 
 class SearchMismatchError(ValueError):
@@ -114,7 +115,8 @@ def trial_spec(run_dir: RunDir, state: RunState, k: int, i: int, params: dict,
                parent: Parent | None = None) -> TrialSpec:
     """What trial (k, i) runs: its argv parts and files. Population-Based children get
     ``--model_path`` and ``--epochs=<pbt_epochs>``, unless an ``epochs`` extra is forwarded or
-    ``epochs`` is itself searched (then it is the searched value, never overridden)."""
+    ``epochs`` is itself searched (then it is the searched value, never overridden). With an
+    early-stopping rule, the trial is judged against the curves of rounds 0..k-1."""
     run = state.run
     space = SearchSpace.from_dict(state.search.space)
     extras = [list(kv) for kv in run.extras]
@@ -130,7 +132,10 @@ def trial_spec(run_dir: RunDir, state: RunState, k: int, i: int, params: dict,
         saved_params_dir=str(run_dir.model_dir(k, i)), log_path=str(run_dir.log_path(k, i)),
         result_path=str(run_dir.result_path(k, i)), pid_path=str(run_dir.pid_path(k, i)),
         model_path=model_path, parent=None if parent is None else parent.name, extras=extras,
-        timeout_s=run.trial_timeout, retries=run.trial_retries)
+        timeout_s=run.trial_timeout, retries=run.trial_retries,
+        report_path=str(run_dir.report_path(k, i)), prune_path=str(run_dir.prune_path(k, i)),
+        should_stop_path=str(run_dir.should_stop_path(k, i)), early_stop=run.early_stop,
+        reference=Reference.from_records(run_dir.trials(rounds=k)) if run.early_stop.enabled else Reference())
 
 
 def run_candidate(run_dir: RunDir, k: int, i: int, params: dict, parent: Parent | None,
@@ -169,11 +174,14 @@ def run_candidate(run_dir: RunDir, k: int, i: int, params: dict, parent: Parent 
     if lost:
         record["lost_workers"] = [entry["worker"] for entry in lost]
     run_dir.write_trial(record)
-    run_dir.lost_path(k, i).unlink(missing_ok=True)
+    for done_with in (run_dir.lost_path(k, i), run_dir.prune_path(k, i)):
+        done_with.unlink(missing_ok=True)
     kill_point("trial_recorded")
     tail = log_tail(spec.log_path)
     if record["outcome"] == "ok":
         logger.info("score %s in %.1fs\n%s", record["score"], record["duration_s"], tail)
+    elif record["outcome"] == "pruned":
+        logger.info("pruned after %.1fs: %s\n%s", record["duration_s"], record["error"], tail)
     elif record["outcome"] != "interrupted":
         logger.warning("%s\n%s", crash_warning(record), tail)
     if record.get("gpu_sampling_error"):
@@ -201,8 +209,20 @@ def _worker_losses(run_dir: RunDir, k: int, i: int, logger) -> list[dict]:
     return lost
 
 
+def tuner_score(record: dict) -> float | Pruned | None:
+    """What the tuner is told of a trial: its score; ``Pruned(step, value)`` (its last reported
+    point) for a trial stopped early; None for a failure, or for a pruned trial whose last
+    value is not a finite number (training diverged)."""
+    if record["outcome"] == "ok":
+        return record["score"]
+    if record["outcome"] == "pruned" and record.get("curve") and record["curve"][-1][1] is not None:
+        step, value = record["curve"][-1]
+        return Pruned(step=step, value=value)
+    return None
+
+
 def tell_round(run_dir: RunDir, k: int, records: list[dict]) -> list[dict]:
-    """Tell the tuner round k's scores (failures as None), as its trials returned them, and
+    """Tell the tuner round k's scores (``tuner_score``), as its trials returned them, and
     persist. Refuses a round with a trial that did not reach a final outcome."""
     state = run_dir.read_state()
     if len(records) != state.search.popsize or [r["candidate"] for r in records] != list(range(len(records))):
@@ -213,7 +233,7 @@ def tell_round(run_dir: RunDir, k: int, records: list[dict]) -> list[dict]:
         raise SearchInterrupted(f"round {k}: trials {unfinished} did not finish")
     if state.next_round == k:  # not told yet (a re-run after a kill may find it told)
         tuner = load_tuner(state)
-        tuner.tell([r["score"] if r["outcome"] == "ok" else None for r in records])
+        tuner.tell([tuner_score(r) for r in records])
         state.tuner = tuner.state_dict()
         state.next_round = k + 1
         state.pending_round = None

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from runtime.cluster import DaskCluster
+from runtime.early_stopping import EarlyStopConfig
 from runtime.gpus import select_gpus
 from runtime.options import SEED_LIMIT, OptionError, check_all
 from runtime.rundir import START_FILES
@@ -131,6 +132,10 @@ def resolve_settings(values: dict | None = None, *, started: datetime | None = N
     run = RunOptions(script=str(script_path), python=found, cwd=str(cwd_path), extras=pairs,
                      trial_timeout=o["trial_timeout"], trial_retries=o["trial_retries"],
                      pbt_epochs=o["pbt_epochs"], keep_checkpoints=o["keep_checkpoints"],
+                     early_stop=EarlyStopConfig(
+                         rule=o["early_stop"], min_steps=o["early_stop_min_steps"],
+                         reduction_factor=o["early_stop_reduction_factor"],
+                         min_resource=o["early_stop_min_resource"], grace_s=o["early_stop_grace"]),
                      slots=[{"index": s.index, "gpu": s.gpu, "ordinal": s.ordinal, "uuid": s.uuid} for s in slots])
     return Settings(output_dir=out, space=space, rounds=o["rounds"], search=search, run=run, slots=slots,
                     cluster=cluster, trials_per_gpu=o["trials_per_gpu"], gpu_warning=gpu_warning)

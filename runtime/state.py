@@ -10,7 +10,7 @@
      "tuner": {...},                     # tuner.state_dict(), taken after every ask and every tell
      "best": {round, candidate, score} | null,          # BestTrial: the trial best_model/ holds
      "plan": {round, parents, assignment} | null,       # ParentPlan: Population-Based parents
-     "run": {script, python, cwd, extras, ...}}         # RunOptions: this invocation's options
+     "run": {script, python, cwd, extras, ..., early_stop}}  # RunOptions: this invocation's options
 
 ``RunState.load`` refuses a file that is not such a record (garbage, ``[]``, a missing or
 unknown field, a wrong type) with one line naming the file and what is wrong; a state of
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.atomic_files import write_json_atomic
+from runtime.early_stopping import EarlyStopConfig
 
 __all__ = ["RUN_STATE_VERSION", "RunStateError", "RunStateVersionError", "SearchKey", "RunOptions",
            "BestTrial", "Parent", "ParentPlan", "RunState"]
@@ -124,10 +125,17 @@ class RunOptions:
     pbt_epochs: int
     keep_checkpoints: str  # "all" | "needed"
     slots: list  # [{"index", "gpu", "ordinal", "uuid"}, ...]
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
     @classmethod
     def from_json(cls, d: Any, where: str = "run") -> RunOptions:
+        if isinstance(d, dict) and "early_stop" not in d:  # written before early stopping existed: off
+            d = {**d, "early_stop": EarlyStopConfig().to_json()}
         v = _fields(cls, d, where)
+        try:
+            early_stop = EarlyStopConfig.from_json(v["early_stop"])
+        except (TypeError, ValueError) as exc:
+            raise _Shape(f"{where}.early_stop: {exc}") from None
         extras = v["extras"]
         if not isinstance(extras, list) or not all(
                 isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in extras):
@@ -140,7 +148,7 @@ class RunOptions:
                    trial_timeout=timeout, trial_retries=_int(v["trial_retries"], f"{where}.trial_retries"),
                    pbt_epochs=_int(v["pbt_epochs"], f"{where}.pbt_epochs"),
                    keep_checkpoints=_str(v["keep_checkpoints"], f"{where}.keep_checkpoints"),
-                   slots=list(v["slots"]))
+                   slots=list(v["slots"]), early_stop=early_stop)
 
 
 @dataclass(frozen=True)

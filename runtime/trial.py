@@ -6,9 +6,16 @@ YAML order, ``--saved_params_dir=<dir>``, for Population-Based rounds after the 
 its own process group with ``CUDA_VISIBLE_DEVICES`` set to its slot's GPU (empty on a CPU
 slot), stdout+stderr into ``round<k>/log-<i>.info``, and reports its score by writing the
 file named in ``AUTOFINETUNE_RESULT_FILE`` (see ``autofinetune.report_final_result``).
+Intermediate scores it appends to ``AUTOFINETUNE_REPORT_FILE`` (``report_intermediate``) are
+read while it runs and kept in the record as ``curve``; with an early-stopping rule each new
+point is judged (``runtime.early_stopping.decide``), and a trial judged hopeless sees
+``should_stop()`` (the file ``AUTOFINETUNE_STOP_FILE``) turn true, gets ``grace_s`` seconds
+to exit, then its process group gets SIGTERM and, 5 s later, SIGKILL.
 
 Outcomes (``trial-<i>.json`` field ``outcome``):
   ok             exit 0 and a finite score
+  pruned         stopped early by the --early-stop rule (``pruned``: step, value, rule, reason),
+                 whatever its exit; judged on every point it reported, also the last ones
   crashed        non-zero exit status (a score it may have reported is ignored)
   killed         ended by a signal it did not ask for (OOM killer, a kill -9)
   no_result      exit 0 but never reported
@@ -37,14 +44,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from autofinetune import RESULT_FILE_ENV
+from autofinetune import REPORT_FILE_ENV, RESULT_FILE_ENV, STOP_FILE_ENV
+from runtime.atomic_files import read_json, write_json_atomic
+from runtime.early_stopping import Decision, EarlyStopConfig, Reference, decide, parse_reports
 from runtime.gpu_sampling import GpuSampler
+from runtime.kill_points import kill_point
 from runtime.slots import Slot, StopCheck
 
 __all__ = ["TrialSpec", "build_argv", "run_trial", "FINAL_OUTCOMES", "RETRYABLE_OUTCOMES",
-           "crash_warning", "log_tail", "reap_orphans", "reap_one", "read_pid_file", "process_start_time"]
+           "crash_warning", "log_tail", "outcome_counts", "reap_orphans", "reap_one", "read_pid_file", "process_start_time"]
 
-FINAL_OUTCOMES = frozenset({"ok", "crashed", "killed", "no_result", "invalid_score", "timeout",
+FINAL_OUTCOMES = frozenset({"ok", "pruned", "crashed", "killed", "no_result", "invalid_score", "timeout",
                             "failed_to_start", "worker_lost"})
 RETRYABLE_OUTCOMES = frozenset({"killed", "failed_to_start"})
 _TERM_GRACE_S = 5.0  # between SIGTERM and SIGKILL of a trial's process group
@@ -69,6 +79,11 @@ class TrialSpec:
     extras: list = field(default_factory=list)  # [[KEY, VALUE], ...] forwarded as --KEY=VALUE
     timeout_s: float | None = None
     retries: int = 0
+    report_path: str | None = None  # AUTOFINETUNE_REPORT_FILE (None: intermediate reports are not read)
+    prune_path: str | None = None  # the persisted early-stopping decision (runtime.rundir.RunDir.prune_path)
+    should_stop_path: str | None = None  # AUTOFINETUNE_STOP_FILE
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    reference: Reference = field(default_factory=Reference)  # the earlier rounds' curves
 
 
 def build_argv(spec: TrialSpec) -> list[str]:
@@ -152,14 +167,82 @@ def _read_score(path: Path) -> tuple[float | None, str | None]:
     return score, None
 
 
+class _CurveWatch:
+    """One attempt's intermediate reports, read as they grow, each new point judged in order.
+
+    A decision is written to ``prune_path`` before ``should_stop_path`` is created, and one
+    found there at the start (a resumed trial) is replayed: the trial stops at that step again.
+    """
+
+    def __init__(self, spec: TrialSpec) -> None:
+        self.spec = spec
+        self.points: list[tuple[int, float | None]] = []
+        self.decision: Decision | None = None
+        self._offset = 0
+        self._partial = b""
+        replay = read_json(Path(spec.prune_path)) if spec.prune_path and spec.early_stop.enabled else None
+        self._replay = Decision.from_json(replay) if replay else None
+        if self._replay is not None and self._replay.rule != spec.early_stop.rule:
+            self._replay = None  # decided under another rule (the resume changed --early-stop)
+        for path in (spec.report_path, spec.should_stop_path):
+            if path:
+                Path(path).unlink(missing_ok=True)  # a stale report or stop from an earlier attempt
+
+    def poll(self, *, final: bool = False) -> bool:
+        """Read new complete lines (at ``final``, the last partial one too); True on a new decision."""
+        if not self.spec.report_path or self.decision is not None and not final:
+            return False
+        try:
+            with open(self.spec.report_path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        self._offset += len(data)
+        data = self._partial + data
+        complete, _, self._partial = data.rpartition(b"\n")
+        if final:
+            complete, self._partial = data, b""
+        before = self.decision
+        last = self.points[-1][0] if self.points else None
+        for point in parse_reports(complete.decode(errors="replace"), after=last):
+            self.points.append(point)
+            if self.decision is None:
+                self.decision = self._judge()
+        if final and self.decision is None and self._replay is not None:
+            self.decision = self._replay  # the re-run ended before the replayed step: it stands
+        if self.decision is not None and before is None:
+            self._act()
+            return True
+        return False
+
+    def _judge(self) -> Decision | None:
+        if self._replay is not None:
+            return self._replay if self.points[-1][0] >= self._replay.step else None
+        return decide(self.spec.early_stop, self.points, self.spec.reference)
+
+    def _act(self) -> None:
+        if self.decision is not self._replay:
+            write_json_atomic(Path(self.spec.prune_path), self.decision.to_json())
+            kill_point("prune_decided")
+        Path(self.spec.should_stop_path).write_text(f"{self.decision.step}\n")
+
+    def outcome_fields(self) -> dict:
+        return {"curve": [list(p) for p in self.points]} if self.points else {}
+
+
 def _run_once(spec: TrialSpec, slot: Slot, stop: StopCheck) -> dict:
     """Launch the child once and wait for it; the record's outcome fields."""
     result_path = Path(spec.result_path)
     result_path.unlink(missing_ok=True)  # a stale score from an interrupted attempt never counts
     Path(spec.saved_params_dir).mkdir(parents=True, exist_ok=True)
+    curve = _CurveWatch(spec)
     env = dict(os.environ)
     env.update({RESULT_FILE_ENV: str(result_path), "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
                 "PYTHONUNBUFFERED": "1"})
+    for name, path in ((REPORT_FILE_ENV, spec.report_path), (STOP_FILE_ENV, spec.should_stop_path)):
+        if path:
+            env[name] = str(path)
     # GPU indices are NVML's, which follow PCI bus order; CUDA's default order (fastest
     # first) can differ on a machine with mixed GPUs, so make CUDA count the same way.
     # A slot's id (an index or a GPU-/MIG- UUID) is passed exactly as it was written.
@@ -179,6 +262,7 @@ def _run_once(spec: TrialSpec, slot: Slot, stop: StopCheck) -> dict:
                                     "host": socket.gethostname(), "slot": slot.index, "gpu": slot.gpu,
                                     "worker": slot.worker}) + "\n")
     deadline = None if spec.timeout_s is None else time.monotonic() + spec.timeout_s
+    grace_ends = None  # a pruned trial's time to exit by itself
     why_killed = None
     while True:
         try:
@@ -186,8 +270,12 @@ def _run_once(spec: TrialSpec, slot: Slot, stop: StopCheck) -> dict:
             break
         except subprocess.TimeoutExpired:
             pass
-        if why_killed is None and (stop.is_set() or (deadline and time.monotonic() > deadline)):
-            why_killed = "interrupted" if stop.is_set() else "timeout"
+        if curve.poll():
+            grace_ends = time.monotonic() + spec.early_stop.grace_s
+        now = time.monotonic()
+        if why_killed is None and (stop.is_set() or (deadline and now > deadline)
+                                   or (grace_ends is not None and now >= grace_ends)):
+            why_killed = "interrupted" if stop.is_set() else "pruned" if curve.decision else "timeout"
             _kill_group(proc.pid, signal.SIGTERM)
             try:
                 code = proc.wait(timeout=_TERM_GRACE_S)
@@ -199,23 +287,33 @@ def _run_once(spec: TrialSpec, slot: Slot, stop: StopCheck) -> dict:
     # Whatever the leader did, nothing of the trial outlives it (dataloader workers, shells).
     _kill_group(proc.pid, signal.SIGKILL)
     pid_path.unlink(missing_ok=True)
-    if why_killed == "timeout":
-        return {"outcome": "timeout", "exit_code": code,
-                "error": f"ran past --trial-timeout {spec.timeout_s:g}s; process group killed"}
+    curve.poll(final=True)  # what it reported last is judged too, whenever the runner read it
+    if spec.should_stop_path:
+        Path(spec.should_stop_path).unlink(missing_ok=True)
     if why_killed == "interrupted":
         return {"outcome": "interrupted", "exit_code": code, "error": "search stopped"}
+    if curve.decision is not None:
+        d = curve.decision
+        how = "it ignored should_stop() and was terminated" if why_killed == "pruned" else "it exited"
+        return {"outcome": "pruned", "exit_code": code, "pruned": d.to_json(), **curve.outcome_fields(),
+                "error": f"stopped early by the {d.rule} rule at step {d.step} (value {d.value}): "
+                         f"{d.reason}; {how}"}
+    if why_killed == "timeout":
+        return {"outcome": "timeout", "exit_code": code,
+                "error": f"ran past --trial-timeout {spec.timeout_s:g}s; process group killed",
+                **curve.outcome_fields()}
     if code < 0:
         return {"outcome": "killed", "exit_code": code,
-                "error": f"killed by signal {signal.Signals(-code).name}"}
+                "error": f"killed by signal {signal.Signals(-code).name}", **curve.outcome_fields()}
     if code != 0:
-        return {"outcome": "crashed", "exit_code": code, "error": f"exit status {code}"}
+        return {"outcome": "crashed", "exit_code": code, "error": f"exit status {code}", **curve.outcome_fields()}
     score, why = _read_score(result_path)
     result_path.unlink(missing_ok=True)
     if why is not None:
         outcome, _, detail = why.partition(": ")
-        return {"outcome": outcome, "exit_code": code,
+        return {"outcome": outcome, "exit_code": code, **curve.outcome_fields(),
                 "error": "exit 0 without report_final_result()" if why == "no_result" else detail}
-    return {"outcome": "ok", "exit_code": code, "score": score}
+    return {"outcome": "ok", "exit_code": code, "score": score, **curve.outcome_fields()}
 
 
 # Exit codes of a trial ended by the signals that stop a whole service or session: when
@@ -255,6 +353,8 @@ def run_trial(spec: TrialSpec, slot: Slot, *, stop: StopCheck, gpu_sampler: GpuS
                 log.write(f"\nautofinetune: attempt {len(attempts)} {outcome['outcome']} "
                           f"({outcome.get('error')}); retrying\n".encode())
     Path(spec.result_path).unlink(missing_ok=True)  # a crash's report never lingers
+    if spec.report_path:
+        Path(spec.report_path).unlink(missing_ok=True)  # the record holds the curve
     record = {
         "round": spec.round, "candidate": spec.candidate, "params": spec.params,
         "score": None, "error": None, **attempts[-1],
@@ -271,6 +371,16 @@ def run_trial(spec: TrialSpec, slot: Slot, *, stop: StopCheck, gpu_sampler: GpuS
     if sampler.error:
         record["gpu_sampling_error"] = sampler.error
     return record
+
+
+def outcome_counts(records) -> dict[str, int]:
+    """``{"ok", "pruned", "failed"}``: trials finished with a score, stopped early, failed (any
+    other final outcome); unfinished (interrupted) ones are not counted."""
+    counts = {"ok": 0, "pruned": 0, "failed": 0}
+    for r in records:
+        if r.get("outcome") in FINAL_OUTCOMES:
+            counts[r["outcome"] if r["outcome"] in ("ok", "pruned") else "failed"] += 1
+    return counts
 
 
 def crash_warning(record: dict) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 
 from runtime.rundir import RunDir
 from runtime.search import plan_next_parents, propose, record_best, run_candidate, tell_round
@@ -29,9 +30,13 @@ def propose_candidates(output_dir: str, k: int) -> list[dict]:
 
 @task(name="train_candidate", cache_policy=NO_CACHE)
 def train_candidate(output_dir: str, k: int, i: int, params: dict, parent: Parent | None,
-                    placement: Placement) -> dict:
-    """Run candidate i of round k on the next free slot and record its outcome."""
-    return run_candidate(RunDir(output_dir), k, i, params, parent, placement, get_run_logger())
+                    placement: Placement) -> dict | State:
+    """Run candidate i of round k on the next free slot and record its outcome. A trial stopped
+    early ends the task run in the state "Pruned" (a Completed state), with the reason."""
+    record = run_candidate(RunDir(output_dir), k, i, params, parent, placement, get_run_logger())
+    if record["outcome"] == "pruned":
+        return Completed(name="Pruned", data=record, message=record["error"])
+    return record
 
 
 @task(name="update_tuner", cache_policy=NO_CACHE)

@@ -23,6 +23,9 @@ def test_round_table_rows():
     assert round_table([rec], ["x", "n"]) == [{
         "candidate": 2, "x": 0.5, "n": 3, "score": None, "outcome": "crashed", "slot": 1,
         "gpu": "cpu", "duration_s": 1.25, "parent": "round0/model-1"}]
+    pruned = {**rec, "candidate": 3, "outcome": "pruned", "curve": [[1, 0.5], [3, 0.25]]}
+    rows = round_table([rec, pruned], ["x", "n"])
+    assert [row["stopped_at"] for row in rows] == ["-", "step 3: 0.25"]  # only in a round with one
     assert "no trial produced a score" in best_markdown({"best_score": None, "output_dir": "/o"}, ["x"])
 
 

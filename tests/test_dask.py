@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from conftest import ROOT, SCRIPTS, descendants, free_port, pid_alive, stop_group
 
@@ -274,3 +275,28 @@ def test_a_local_cluster_listens_on_loopback_only(work, prefect_server):
     assert "dashboard http://127.0.0.1:" in log
     assert all(r["worker"].startswith("tcp://127.0.0.1:") for r in records(work / "run"))
 
+
+
+@pytest.mark.parametrize("rule", ["median", "asha"])
+def test_early_stopping_decides_on_the_workers_as_on_local_slots(cluster, tmp_path, prefect_server, rule):
+    from runtime.early_stopping import EarlyStopConfig, Reference
+    from test_early_stopping import HPARAM as CURVE_HPARAM, expected_stop, prefect_task_states
+
+    cluster.wait_for(2)
+    (tmp_path / "train.py").write_text((SCRIPTS / "curve_train.py").read_text())
+    (tmp_path / "hparam.yaml").write_text(CURVE_HPARAM)
+    search = ["--popsize", "6", "--round", "2", "--evaluator", "fulltrail", "--tuning-strategy", "pshe2"]
+    code, log = cli(tmp_path, prefect_server, *search, "--dask-address", cluster.address, "--output-dir",
+                    f"dask-{rule}", "--early-stop", rule, "wait", "0.05")
+    assert code == 0, log[-4000:]
+    rows = records(tmp_path / f"dask-{rule}")
+    assert {r["worker"] for r in rows} == set(cluster.wait_for(2).values())
+    reference = Reference.from_records([r for r in rows if r["round"] == 0])
+    round1 = [r for r in rows if r["round"] == 1]
+    for r in round1:
+        expected = expected_stop(EarlyStopConfig(rule=rule), r["params"]["x"], reference)
+        assert (r["pruned"]["step"] if r["outcome"] == "pruned" else None) == expected, r
+    assert any(r["outcome"] == "pruned" for r in round1)
+    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+        states = prefect_task_states(f"dask-{rule}", "round-1")
+    assert sorted(states) == sorted("Pruned" if r["outcome"] == "pruned" else "Completed" for r in round1)

@@ -35,6 +35,12 @@ def test_failures_and_missing_checkpoints_are_never_parents():
     assert names(plan) == ["round0/model-2"] * 4
 
 
+def test_a_trial_stopped_early_is_never_a_parent():
+    records = [rec(0, None, "pruned"), rec(1, 0.2), rec(2, 0.1), rec(3, None, "pruned")]
+    plan = plan_parents(records, round=1, popsize=4, has_checkpoint=[True] * 4, previous=None)
+    assert [p.candidate for p in plan.parents] == [1]
+
+
 def test_a_failed_round_keeps_the_previous_parents_or_starts_from_scratch():
     earlier = plan_parents(round=1, records=[rec(0, 0.5), rec(1, 0.6)], popsize=2, has_checkpoint=[True, True], previous=None)
     failed = [rec(0, None, "crashed", k=1), rec(1, None, "no_result", k=1), rec(2, None, "killed", k=1)]

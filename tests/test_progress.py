@@ -119,6 +119,26 @@ def test_plain_estimate_counts_waves_of_slots():
     assert "(new best)" in lines[3]
 
 
+def test_trials_stopped_early_are_counted_apart():
+    out = io.StringIO()
+    display = ProgressDisplay(mode="plain", stream=out, clock=FakeClock())
+    display.search_started(info(rounds=2, popsize=3))
+    stopped = {**record(0, 1, outcome="pruned"), "curve": [[1, 0.25], [3, 0.125]]}
+    records = [record(0, 0, score=0.5), stopped, record(0, 2, outcome="crashed")]
+    for r in records:
+        display.trial_finished(r)
+    display.round_finished(0, records, None)
+    lines = out.getvalue().splitlines()
+    assert ": r0c1 stopped early in 1.0s at step 3 (value 0.125) | " in lines[2]
+    assert "this round: 1 done, 1 stopped early, 1 failed of 3 | total: 1 done, 1 stopped early, 1 failed" \
+        in lines[3]
+    assert "finished: 1 done, 1 stopped early, 1 failed" in lines[4]
+    panel = Console(file=io.StringIO(), width=120, record=True)
+    panel.print(display.render())
+    text = panel.export_text()
+    assert re.search(r"stopped", text) and re.search(r"total\s+0\s+1\s+1\s+1\s+6", text)
+
+
 def test_plain_mode_is_thread_safe():
     out = io.StringIO()
     display = ProgressDisplay(mode="plain", stream=out)

@@ -17,7 +17,7 @@ from cmaes import CatCMAwM, CMAwM
 
 from tuners import (
     TUNER_NAMES, TUNER_STATE_VERSION, ChoiceParam, FloatParam, HAZeroConfig, IntParam, PSHE2Config,
-    SearchSpace, TPEConfig, TunerStateError, TunerStateVersionError, make_tuner,
+    Pruned, SearchSpace, TPEConfig, TunerStateError, TunerStateVersionError, make_tuner,
 )
 
 MIXED = SearchSpace.from_dict({"param_list": [
@@ -179,6 +179,60 @@ def test_a_failure_is_never_best(tuner_name):
     tuner.ask()
     tuner.tell([None, None, None])
     assert tuner.best == (None, None)
+
+
+def drive_pruning(tuner, rounds: int, f=objective) -> list[list[dict]]:
+    """Like ``drive``, but from round 1 on candidate 1 fails and 2 and 3 are stopped early."""
+    asked = []
+    for k in range(rounds):
+        candidates = tuner.ask()
+        asked.append(candidates)
+        scores = [f(c) for c in candidates]
+        if k:
+            scores[1:4] = [None, Pruned(step=2, value=scores[2] - 1.0), Pruned(step=5, value=-3.0)]
+        tuner.tell(scores)
+    return asked
+
+
+def test_a_pruned_trial_is_never_best(tuner_name):
+    tuner = make_tuner(tuner_name, MIXED, popsize=4, seed=0)
+    tuner.ask()
+    tuner.tell([None, Pruned(step=3, value=0.9), Pruned(step=1, value=5.0), None])
+    assert tuner.best == (None, None)
+    candidates = tuner.ask()
+    tuner.tell([-9.0, Pruned(step=3, value=9.0), None, -10.0])
+    assert tuner.best == (candidates[0], -9.0)
+
+
+@pytest.mark.parametrize("space", [MIXED, NUMERIC], ids=lambda s: s.source)
+@pytest.mark.parametrize("popsize", [4, 5])
+def test_state_round_trip_with_pruned_trials_is_bit_identical(tuner_name, popsize, space):
+    f = _score_on(space)
+    tuner = make_tuner(tuner_name, space, popsize=popsize, seed=0)
+    drive_pruning(tuner, 4, f=f)
+    copy_ = restored(tuner)
+    assert dumps(copy_) == dumps(tuner)
+    assert drive_pruning(copy_, 4, f=f) == drive_pruning(tuner, 4, f=f)
+    assert dumps(copy_) == dumps(tuner)
+
+
+def test_hazero_round_trip_keeps_a_pruned_trial_of_an_unfinished_generation():
+    tuner = make_tuner("hazero", NUMERIC, popsize=2, seed=0)  # a generation spans 2 rounds
+    drive(tuner, 1, f=_score_on(NUMERIC))
+    tuner.ask()
+    tuner.tell([Pruned(step=4, value=-1.0), -2.0])
+    assert tuner.state_dict()["algorithm"]["generation"][0]["f"] == {"step": 4, "value": -1.0}
+    copy_ = restored(tuner)
+    assert drive(copy_, 3, f=_score_on(NUMERIC)) == drive(tuner, 3, f=_score_on(NUMERIC))
+
+
+@pytest.mark.parametrize("bad", [Pruned(step=-1, value=0.0), Pruned(step=1, value=math.nan),
+                                 Pruned(step=1.5, value=0.0), Pruned(step=1, value=math.inf)])
+def test_a_bad_pruned_score_is_refused(tuner_name, bad):
+    tuner = make_tuner(tuner_name, ONE, popsize=2, seed=0)
+    tuner.ask()
+    with pytest.raises(ValueError, match="pruned trial"):
+        tuner.tell([0.0, bad])
 
 
 def test_all_failed_round_yields_a_fresh_round(tuner_name):
@@ -532,6 +586,15 @@ def test_pshe2_failed_particle_gets_no_personal_best():
     assert algorithm["global_best_score"] == 0.5
 
 
+def test_pshe2_a_pruned_particle_gets_no_personal_or_global_best():
+    tuner = make_tuner("pshe2", ONE, popsize=3, seed=0)
+    tuner.ask()
+    tuner.tell([Pruned(step=5, value=0.9), -0.5, None])
+    algorithm = tuner.state_dict()["algorithm"]
+    assert algorithm["personal_best_scores"] == [None, -0.5, None]
+    assert algorithm["global_best_score"] == -0.5
+
+
 # --- HAZero --------------------------------------------------------------------------------
 
 
@@ -542,19 +605,48 @@ def test_hazero_one_hyperparameter_converges():
     assert tuner.best[0]["x"] == pytest.approx(0.3, abs=1e-3)
 
 
-def test_hazero_tells_failures_as_worse_than_every_score(monkeypatch):
-    tuner = make_tuner("hazero", ONE, popsize=5, seed=0)
-    drive(tuner, 1, f=lambda c: -c["x"] ** 2)  # round 0: the start design, not told to CMA-ES
+def spy_on_cma_tell(tuner, monkeypatch) -> list:
+    """The solutions HAZero tells CMA-ES from now on, one list per tell."""
     told = []
     real_tell = tuner._backend.optimizer.tell
     monkeypatch.setattr(tuner._backend.optimizer, "tell", lambda solutions: (told.append(list(solutions)),
                                                                        real_tell(solutions)))
+    return told
+
+
+def test_hazero_tells_failures_as_worse_than_every_score(monkeypatch):
+    tuner = make_tuner("hazero", ONE, popsize=5, seed=0)
+    drive(tuner, 1, f=lambda c: -c["x"] ** 2)  # round 0: the start design, not told to CMA-ES
+    told = spy_on_cma_tell(tuner, monkeypatch)
     tuner.ask()
     tuner.tell([-3.0, None, -1.0, None, -7.5])
     (solutions,) = told
     fs = [f for _, f in solutions]
     assert fs[0] == 3.0 and fs[2] == 1.0 and fs[4] == 7.5  # cmaes minimizes -score
     assert fs[1] == fs[3] > 7.5  # failures: strictly worse than the worst real score
+
+
+def test_hazero_ranks_pruned_trials_between_scores_and_failures(monkeypatch):
+    tuner = make_tuner("hazero", ONE, popsize=6, seed=0)
+    drive(tuner, 1, f=lambda c: -c["x"] ** 2)
+    told = spy_on_cma_tell(tuner, monkeypatch)
+    tuner.ask()
+    tuner.tell([-3.0, None, Pruned(step=2, value=5.0), Pruned(step=4, value=-9.0),
+                Pruned(step=4, value=-1.0), -7.5])
+    fs = [f for _, f in told[0]]
+    assert fs[0] == 3.0 and fs[5] == 7.5
+    # below every real score, above the failure; a later step, then a higher value, ranks better
+    assert 7.5 < fs[4] < fs[3] < fs[2] < fs[1]
+
+
+def test_hazero_a_generation_of_pruned_and_failed_trials_is_told(monkeypatch):
+    tuner = make_tuner("hazero", ONE, popsize=4, seed=0)
+    drive(tuner, 1, f=lambda c: -c["x"] ** 2)
+    told = spy_on_cma_tell(tuner, monkeypatch)
+    tuner.ask()
+    tuner.tell([None, Pruned(step=1, value=0.1), Pruned(step=1, value=0.2), None])
+    fs = [f for _, f in told[0]]
+    assert fs[2] < fs[1] < fs[0] == fs[3]
 
 
 def test_hazero_all_failed_generation_leaves_the_distribution(monkeypatch):
@@ -757,6 +849,18 @@ def test_tpe_models_failures_below_every_real_score():
     values = [t.value for t in tuner._study.trials if t.state.name == "COMPLETE"]
     assert len(values) == 10 and values[1] == values[6] == -math.inf
     assert all(v > -math.inf for i, v in enumerate(values) if i not in (1, 6))
+
+
+def test_tpe_models_pruned_trials_between_scores_and_failures():
+    tuner = make_tuner("tpe", NUMERIC, popsize=5, seed=0)
+    drive(tuner, 2, f=_score_on(NUMERIC))
+    tuner.ask()
+    tuner.tell([-50.0, None, Pruned(step=2, value=3.0), Pruned(step=7, value=-80.0), Pruned(step=7, value=-60.0)])
+    tuner.ask()  # a history with pruned trials: the study is rebuilt with their values placed
+    values = [t.value for t in tuner._study.trials if t.state.name == "COMPLETE"]
+    real = [v for v in values[:10]] + [values[10]]
+    assert values[11] == -math.inf
+    assert min(real) > values[14] > values[13] > values[12] > -math.inf
 
 
 def test_tpe_round_is_spread_by_the_constant_liar():

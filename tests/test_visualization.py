@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, free_port, stop_group
 from runtime import kill_points
 from runtime.rundir import RunDir
-from watch.visualization import (LOG_FILE_NAME, MAIN_RUN, TRIAL_METRIC, VisualDLLogs,
+from watch.visualization import (LOG_FILE_NAME, MAIN_RUN, TRIAL_CURVE, TRIAL_METRIC, VisualDLLogs,
                                  VisualDLWatcher, round_points, trial_run)
 
 
@@ -124,6 +124,17 @@ def test_round_points_without_a_success_choices_and_bad_input():
                                          "outcome": "ok"}
     with pytest.raises(ValueError, match="rounds 0..3"):
         round_points(3, ROUNDS, ["x"])
+
+
+def test_intermediate_curves_go_to_each_trials_run_by_step():
+    done = {**record(0, 0, 0.1, 2, 0.5), "curve": [[1, 0.25], [2, 0.5]]}
+    stopped = {**record(0, 1, 0.2, 3, None, "pruned"), "curve": [[1, 0.125], [3, None]]}
+    points = round_points(0, [[done, stopped, record(0, 2, 0.3, 4, 0.1)]], ["x", "n"])
+    curves = by_key(points)
+    assert curves[(trial_run(0, 0), TRIAL_CURVE)] == [(1, 0.25), (2, 0.5)]
+    assert curves[(trial_run(0, 1), TRIAL_CURVE)] == [(1, 0.125)]  # a non-finite value is not drawn
+    assert (trial_run(0, 2), TRIAL_CURVE) not in curves  # it reported none
+    assert points.hparams[1].hparams["outcome"] == "pruned"
 
 
 def test_gpu_steps_count_each_gpus_samples_over_rounds_in_time_order():

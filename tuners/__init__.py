@@ -9,7 +9,8 @@ first TPE that models, neither by ``import tuners``.
     tuner = make_tuner("hazero", space, popsize=5, seed=0)     # or "pshe2", "tpe"
     for _ in range(rounds):
         candidates = tuner.ask()       # popsize dicts {name: value}, legal values of the space
-        tuner.tell(scores)             # floats aligned with candidates, higher is better; None = failed
+        tuner.tell(scores)             # floats aligned with candidates, higher is better; None = failed;
+                                       # Pruned(step, value) = stopped early (below scores, above failures)
     best_params, best_score = tuner.best
     state = tuner.state_dict()         # JSON; make_tuner(...).load_state_dict(state) continues exactly
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuners._base import TUNER_STATE_VERSION, Tuner, TunerStateError, TunerStateVersionError
+from tuners._base import TUNER_STATE_VERSION, Pruned, Tuner, TunerStateError, TunerStateVersionError
 from tuners.hazero import HAZero, HAZeroConfig
 from tuners.pshe2 import PSHE2, PSHE2Config
 from tuners.tpe import TPE, TPEConfig
@@ -27,7 +28,7 @@ from tuners.space import ChoiceParam, FloatParam, IntParam, Param, SearchSpace, 
 __all__ = [
     "SearchSpace", "SearchSpaceError", "FloatParam", "IntParam", "ChoiceParam", "Param",
     "make_tuner", "TUNER_NAMES", "Tuner", "HAZero", "HAZeroConfig", "PSHE2", "PSHE2Config", "TPE", "TPEConfig",
-    "TunerStateError", "TunerStateVersionError", "TUNER_STATE_VERSION",
+    "TunerStateError", "TunerStateVersionError", "TUNER_STATE_VERSION", "Pruned",
 ]
 
 _TUNERS: dict[str, type[Tuner]] = {"hazero": HAZero, "pshe2": PSHE2, "tpe": TPE}

@@ -1,7 +1,8 @@
 """What every tuner shares: the ask/tell protocol, score checks, the best so far, the state.
 
 A tuner proposes a round of ``popsize`` candidates (:meth:`Tuner.ask`), is told their scores
-(:meth:`Tuner.tell`, higher is better, ``None`` for a failed trial), and so on. It never runs
+(:meth:`Tuner.tell`, higher is better, ``None`` for a failed trial, :class:`Pruned` for a trial
+stopped early), and so on. It never runs
 anything itself, so it can be tested, benchmarked and restored without a GPU, a clock or a file.
 
 The state (:meth:`Tuner.state_dict`) is plain JSON, taken at any moment, also between ``ask``
@@ -38,13 +39,52 @@ import numpy as np
 
 from tuners.space import SearchSpace, SearchSpaceError
 
-__all__ = ["TUNER_STATE_VERSION", "Tuner", "TunerStateError", "TunerStateVersionError"]
+__all__ = ["TUNER_STATE_VERSION", "Tuner", "TunerStateError", "TunerStateVersionError", "Pruned",
+           "pruned_rank_key", "pruned_levels"]
 
 # The layout of Tuner.state_dict() (not the run state, runtime/state.py, which has RUN_STATE_VERSION).
 TUNER_STATE_VERSION = 1
 # The keys of a tuner state, all required.
 _STATE_KEYS = ("version", "tuner", "popsize", "seed", "space", "config", "rng", "rounds_told", "best",
                "pending", "algorithm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruned:
+    """A trial stopped early (``--early-stop``): the last step it reported and its value there.
+
+    Every tuner ranks it below every trial that finished with a score, and above every failed
+    trial; among pruned trials, one stopped at a later step ranks higher, then by value
+    (Optuna's order for pruned trials). It is never the tuner's ``best``. How each tuner
+    uses the rank is in its module docstring.
+    """
+
+    step: int
+    value: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "value": self.value}
+
+    @classmethod
+    def from_json(cls, d: Any) -> Pruned:
+        _check_keys(d, ("step", "value"), "a pruned trial's score")
+        value = _opt_float(d["value"], "pruned value")
+        if value is None:
+            raise ValueError("a pruned trial's value must be a finite number")
+        return cls(step=_int(d["step"], "pruned step"), value=value)
+
+
+def pruned_rank_key(score: Pruned) -> tuple[int, float]:
+    """Sort key among pruned trials, best first: the later step, then the higher value."""
+    return (-score.step, -score.value)
+
+
+def pruned_levels(scores: Sequence[Any]) -> dict[Pruned, float]:
+    """Each distinct Pruned in ``scores`` -> a level in (0, 1), higher for a better rank:
+    (n - r) / (n + 1) for the r-th best (from 0) of the n distinct ones. A tuner places its
+    pruned trials at ``worst real + level · gap``-like points between real scores and failures."""
+    distinct = sorted({s for s in scores if isinstance(s, Pruned)}, key=pruned_rank_key)
+    return {s: (len(distinct) - r) / (len(distinct) + 1) for r, s in enumerate(distinct)}
 
 
 class TunerStateError(ValueError):
@@ -136,7 +176,8 @@ class Tuner(abc.ABC):
         return copy.deepcopy(self._pending)
 
     def tell(self, scores: Sequence[float | None]) -> None:
-        """Learn from the scores of the pending candidates, in order; None marks a failed trial.
+        """Learn from the scores of the pending candidates, in order; None marks a failed trial,
+        ``Pruned(step, value)`` a trial stopped early.
 
         A rejected call (wrong length, a non-number, nan or inf) raises ValueError and changes nothing.
         """
@@ -145,12 +186,12 @@ class Tuner(abc.ABC):
         checked = self._check_scores(scores)
         self._update(checked)
         for params, score in zip(self._pending, checked):
-            if score is not None and (self._best is None or score > self._best[1]):
+            if isinstance(score, float) and (self._best is None or score > self._best[1]):
                 self._best = (params, score)
         self._pending = None
         self._rounds_told += 1
 
-    def _check_scores(self, scores: Any) -> list[float | None]:
+    def _check_scores(self, scores: Any) -> list[float | Pruned | None]:
         if isinstance(scores, (str, bytes)) or not isinstance(scores, (Sequence, np.ndarray)):
             raise ValueError(f"scores must be a list of {self._popsize} floats (None for a failed trial), "
                              f"got {type(scores).__name__}")
@@ -159,10 +200,18 @@ class Tuner(abc.ABC):
         if len(scores) != self._popsize:
             raise ValueError(f"got {len(scores)} scores for {self._popsize} pending candidates; "
                              "tell one score (or None) per candidate, in order")
-        checked: list[float | None] = []
+        checked: list[float | Pruned | None] = []
         for i, s in enumerate(scores):
             if s is None:
                 checked.append(None)
+                continue
+            if isinstance(s, Pruned):
+                if isinstance(s.step, bool) or not isinstance(s.step, int) or s.step < 0 \
+                        or isinstance(s.value, bool) or not isinstance(s.value, (int, float)) \
+                        or not math.isfinite(s.value):
+                    raise ValueError(f"scores[{i}]={s!r}: a pruned trial needs an int step >= 0 and a finite "
+                                     "value; tell None for a pruned trial whose value is not finite")
+                checked.append(Pruned(step=s.step, value=float(s.value)))
                 continue
             if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, float, np.integer, np.floating)):
                 raise ValueError(f"scores[{i}]={s!r} is not a number; tell a float score, or None for a "
@@ -292,7 +341,7 @@ class Tuner(abc.ABC):
         """The next round's ``popsize`` candidates (round 0's first: ``space.init_params()``)."""
 
     @abc.abstractmethod
-    def _update(self, scores: list[float | None]) -> None:
+    def _update(self, scores: list[float | Pruned | None]) -> None:
         """Learn from the pending round's checked scores (``rounds_told`` not yet incremented)."""
 
     @abc.abstractmethod

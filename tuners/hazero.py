@@ -59,6 +59,13 @@ Departures from the original, each for a defect or a gap:
   than the worst real score of its generation (all failures tie). A generation in which every
   trial failed carries no ranking, so it is not told: the next round samples the same
   distribution again (its random stream has moved on, so the candidates are new).
+- **A trial stopped early** (``Pruned``, ``--early-stop``) ranks between: with gap =
+  1 + |f_worst|, the pruned trials of a generation get f = f_worst + gap·(1 − level), level
+  in (0, 1) from ``pruned_levels`` (a later step, then a higher last value, ranks better), so
+  each one is worse than every real score and better than every failure (f_worst + gap). A
+  generation of pruned and failed trials only is told with f_worst = 0. In round 0 (never
+  pruned by the pipeline, whose rules need an earlier round) CMA-ES starts from the best
+  pruned point only when no trial has a real score.
 - **Restarts instead of wasted rounds**: when the distribution has converged (cmaes's
   ``should_stop``, or every axis' σ·sqrt(C_ii) below ``restart_tol_sigma``, or the scores of
   the last generations flat within ``restart_tol_fitness``), or after
@@ -91,7 +98,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tuners._base import (
-    Tuner, TunerStateVersionError, _check_keys, _get, _int, _matrix, _opt_float,
+    Pruned, Tuner, TunerStateVersionError, _check_keys, _get, _int, _matrix, _opt_float, pruned_levels,
+    pruned_rank_key,
 )
 from tuners._latin_hypercube import maximin_latin_hypercube
 
@@ -143,7 +151,7 @@ class _SearchState:
     """HAZero's records as read from a state, checked, before they are set on the tuner."""
 
     backend: Backend  # holding the loaded CMA-ES
-    generation: list[tuple[np.ndarray, float | None]]
+    generation: list[tuple[np.ndarray, float | Pruned | None]]
     pending_x: list[np.ndarray] | None
     restarts: int
     recent_ranges: list[tuple[float, float]]
@@ -168,7 +176,7 @@ class HAZero(Tuner):
                                              generation_size=self._generation_size)
         mean = np.clip(self._space.init_vector(), self._backend.mean_low, self._backend.mean_high)
         self._backend.start(mean, seed=int(self._rng.integers(2**32)))
-        self._generation: list[tuple[np.ndarray, float | None]] = []  # (x told, f or None) of this generation
+        self._generation: list[tuple[np.ndarray, float | Pruned | None]] = []  # (x told, f, Pruned or None) of this generation
         self._pending_x: list[np.ndarray] | None = None  # what CMA-ES will be told for each pending candidate
         self._restarts = 0
         self._recent_ranges: list[tuple[float, float]] = []  # (min f, max f) of the last generations
@@ -201,28 +209,31 @@ class HAZero(Tuner):
         self._pending_x = told
         return candidates
 
-    def _update(self, scores: list[float | None]) -> None:
+    def _update(self, scores: list[float | Pruned | None]) -> None:
         assert self._pending_x is not None
         if self._rounds_told == 0:
             self._start_from_round_zero(self._pending_x, scores)
             self._pending_x = None
             return
         for x, score in zip(self._pending_x, scores):
-            self._generation.append((x, None if score is None else -score))  # cmaes minimizes f = -score
+            self._generation.append((x, -score if isinstance(score, float) else score))  # cmaes minimizes f = -score
         self._pending_x = None
         if len(self._generation) < self._generation_size:
             return  # a generation spans several rounds (popsize < 4)
         generation, self._generation = self._generation, []
-        fs = [f for _, f in generation if f is not None]
-        if not fs:
+        fs = [f for _, f in generation if isinstance(f, float)]
+        levels = pruned_levels([f for _, f in generation])
+        if not fs and not levels:
             # every trial failed: no ranking to learn from; sample the same distribution again
             self._failed_generations += 1
             if self._failed_generations >= self._config.restart_failed_generations:
                 self._restart()
             return
         self._failed_generations = 0
-        worst = max(fs)
+        worst = max(fs) if fs else 0.0
         f_failed = worst + 1.0 + abs(worst)  # strictly worse than every real score of the generation
+        generation = [(x, worst + (f_failed - worst) * (1.0 - levels[f]) if isinstance(f, Pruned) else f)
+                      for x, f in generation]  # pruned: between the worst real score and a failure
         self._backend.tell([(x, f_failed if f is None else f) for x, f in generation])
         if len(fs) >= 2:  # one real score is no evidence of a plateau
             k = self._config.restart_flat_generations
@@ -232,8 +243,11 @@ class HAZero(Tuner):
 
     def _start_from_round_zero(self, xs: list[np.ndarray], scores: list[float | None]) -> None:
         """Start CMA-ES at round 0's best point (the init point on ties); see the module docstring."""
-        real = [(s, i) for i, s in enumerate(scores) if s is not None]
-        if not real:
+        real = [(s, i) for i, s in enumerate(scores) if isinstance(s, float)]
+        pruned = [(pruned_rank_key(s), i) for i, s in enumerate(scores) if isinstance(s, Pruned)]
+        if not real and pruned:
+            mean = xs[min(pruned)[1]]  # no real score: the best pruned point
+        elif not real:
             mean = xs[0]  # no score at all: the init point, as the original
         elif len(real) >= 2 and max(s for s, _ in real) - min(s for s, _ in real) <= self._config.restart_tol_fitness:
             # a plateau: every score tied, so no point of round 0 is better; start anywhere
@@ -272,7 +286,8 @@ class HAZero(Tuner):
             "cmaes_version": self._backend.cmaes_version,  # informative; load checks the layout
             "generation_size": self._generation_size,
             "optimizer": self._backend.to_json(),
-            "generation": [{"x": x.tolist(), "f": f} for x, f in self._generation],
+            "generation": [{"x": x.tolist(), "f": f.to_json() if isinstance(f, Pruned) else f}
+                           for x, f in self._generation],
             "pending_x": None if self._pending_x is None else [x.tolist() for x in self._pending_x],
             "restarts": self._restarts,
             "recent_ranges": [list(r) for r in self._recent_ranges],
@@ -296,8 +311,9 @@ class HAZero(Tuner):
         generation = []
         for i, item in enumerate(_get(d, "generation")):
             _check_keys(item, ("x", "f"), f"the hazero algorithm state's generation[{i}]")
+            f = _get(item, "f")
             generation.append((_matrix(_get(item, "x"), "generation x", (n,)),
-                               _opt_float(_get(item, "f"), "f")))
+                               Pruned.from_json(f) if isinstance(f, dict) else _opt_float(f, "f")))
         if len(generation) >= self._generation_size or len(generation) % self._popsize:
             raise ValueError(f"{len(generation)} told samples in the current generation "
                              f"of {self._generation_size}")

@@ -39,6 +39,10 @@ Departures from the original (PaddleHub ``autofinetune/autoft.py``):
   its local pull α(x_i − p_i) is taken as 0 (as if p_i = x_i). With no success at all yet,
   g is undefined and its pull is 0 too, so an all-failed round still moves (by momentum and
   perturbation) to a fresh round.
+- **A trial stopped early** (``Pruned``, ``--early-stop``) moves its particle as a failure
+  does: it has no final score, so it never becomes p_i or g (only a score a trial finished
+  with can; the pulls of (1) stay on finished trials). PSHE2 compares scores only to update
+  p_i and g, so "below every finished trial, above failures" holds without a number for it.
 - **Ties** follow the original: p_i and g move to a new position that scores equal to the
   old best (its ``<=`` on rewards); within one round the first best particle counts.
 - **Integer and choice parameters**: positions stay continuous; the space rounds them
@@ -62,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from tuners._base import Tuner, _check_keys, _get, _matrix, _opt_float
+from tuners._base import Pruned, Tuner, _check_keys, _get, _matrix, _opt_float
 from tuners._latin_hypercube import maximin_latin_hypercube
 from tuners.space import ChoiceParam
 
@@ -129,10 +133,11 @@ class PSHE2(Tuner):
             candidates[0] = self._space.init_params()  # exactly, not via float round-trips
         return candidates
 
-    def _update(self, scores: list[float | None]) -> None:
+    def _update(self, scores: list[float | Pruned | None]) -> None:
         alpha, eps = self._config.alpha, self._config.epsilon
         t = self._rounds_told + 1  # rounds completed, this one included
         x = self._x
+        scores = [s if isinstance(s, float) else None for s in scores]  # stopped early: as a failure
         for i, s in enumerate(scores):  # personal bests (ties: the newer position)
             if s is not None and (self._p_score[i] is None or s >= self._p_score[i]):
                 self._p[i] = x[i]

@@ -24,6 +24,14 @@ Departures from a plain ``TPESampler`` study, each for the tuner contract or the
 - **Failures rank below every real score**: a failed trial is a completed trial of value −inf
   in the model (Optuna's own FAIL state would be ignored, and its neighbourhood proposed
   again). Until a trial has scored, rounds come from the space-filling design.
+- **A trial stopped early** (``Pruned``, ``--early-stop``) is a completed trial of a value
+  between: with m the lowest real score of the history (0 without one) and gap = 1 + |m|, it is
+  valued m − gap·(1 − level), level in (0, 1) from ``pruned_levels`` over every pruned trial of
+  the history (a later step, then a higher last value, ranks better). So it ranks below every
+  finished trial and above every failure (−inf), in Optuna's order for pruned trials (Optuna's
+  own PRUNED state would put our failures, completed at −inf, above them). Those values move
+  as the history grows, so while the history holds a pruned trial the study is rebuilt from
+  the history at every ``ask`` (as a restored tuner does anyway).
 - **Ints are modelled as continuous** on [low − 0.5, high + 0.5] (log scale for a log int) and
   rounded to the nearest value (the model keeps the unrounded value it proposed, as HAZero
   tells CMA-ES its raw sample): Optuna 5's kernel mass for an ``IntDistribution`` is
@@ -59,7 +67,7 @@ from typing import Any
 
 import numpy as np
 
-from tuners._base import Tuner, _check_keys, _get, _opt_float
+from tuners._base import Pruned, Tuner, _check_keys, _get, _opt_float, pruned_levels
 from tuners._latin_hypercube import maximin_latin_hypercube
 from tuners.space import ChoiceParam, FloatParam, IntParam
 
@@ -96,11 +104,12 @@ class _Trial:
     """A told trial: what was evaluated, its score, and where the model saw it."""
 
     params: dict[str, Any]  # legal values of the space, as asked
-    score: float | None  # None: failed
+    score: float | Pruned | None  # None: failed; Pruned: stopped early
     model: dict[str, float | int]  # Optuna's raw values (an int axis unrounded; a choice's index)
 
     def to_json(self) -> dict[str, Any]:
-        return {"params": dict(self.params), "score": self.score, "model": dict(self.model)}
+        score = self.score.to_json() if isinstance(self.score, Pruned) else self.score
+        return {"params": dict(self.params), "score": score, "model": dict(self.model)}
 
 
 @dataclass(frozen=True)
@@ -129,14 +138,14 @@ class TPE(Tuner):
         self._asked: list[int] | None = None  # their trial numbers in _study
 
     @property
-    def trials(self) -> list[tuple[dict[str, Any], float | None]]:
-        """Every told trial, in order: (params, score or None for a failure)."""
+    def trials(self) -> list[tuple[dict[str, Any], float | Pruned | None]]:
+        """Every told trial, in order: (params, score, Pruned, or None for a failure)."""
         return [(dict(t.params), t.score) for t in self._trials]
 
     # -- ask / tell ---------------------------------------------------------------------------
 
     def _propose(self) -> list[dict[str, Any]]:
-        scored = any(t.score is not None for t in self._trials)
+        scored = any(isinstance(t.score, float) for t in self._trials)
         if len(self._trials) >= self._config.n_startup_trials and scored:
             return self._ask_optuna(seed=int(self._rng.integers(2**32)))
         # the startup design (round 0 always; again while no trial has scored): init first, the
@@ -150,16 +159,18 @@ class TPE(Tuner):
         self._asked = None
         return candidates
 
-    def _update(self, scores: list[float | None]) -> None:
+    def _update(self, scores: list[float | Pruned | None]) -> None:
         assert self._pending is not None and self._pending_model is not None
         told = [_Trial(dict(p), s, m) for p, s, m in zip(self._pending, scores, self._pending_model)]
+        if any(isinstance(t.score, Pruned) for t in [*self._trials, *told]):
+            self._study = None  # pruned trials' values depend on the whole history: rebuilt at the next ask
         if self._study is not None:
             with _quiet_optuna():
                 if self._asked is not None:  # asked of the study: complete them
                     for number, trial in zip(self._asked, told):
                         self._study.tell(number, _model_value(trial.score))
                 else:  # the startup design: add them
-                    self._study.add_trials([self._frozen(t) for t in told])
+                    self._study.add_trials([self._frozen(t, _model_value(t.score)) for t in told])
         self._trials += told
         self._pending_model, self._asked = None, None
 
@@ -171,7 +182,8 @@ class TPE(Tuner):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             if self._study is None:
                 self._study = optuna.create_study(direction="maximize")
-                self._study.add_trials([self._frozen(t) for t in self._trials])
+                values = _model_values([t.score for t in self._trials])
+                self._study.add_trials([self._frozen(t, v) for t, v in zip(self._trials, values)])
             self._study.sampler = optuna.samplers.TPESampler(
                 seed=seed, n_startup_trials=1, n_ei_candidates=self._config.n_ei_candidates,
                 multivariate=self._config.multivariate, constant_liar=self._config.constant_liar)
@@ -184,12 +196,11 @@ class TPE(Tuner):
     def _distributions(self) -> dict[str, Any]:
         return {p.name: _distribution(p) for p in self._space.params}
 
-    def _frozen(self, trial: _Trial) -> Any:
-        """A told trial as Optuna's completed trial (a failure valued -inf: below every real score)."""
+    def _frozen(self, trial: _Trial, value: float) -> Any:
+        """A told trial as Optuna's completed trial of ``value`` (``_model_values``)."""
         from optuna.trial import create_trial
 
-        return create_trial(params=dict(trial.model), distributions=self._distributions(),
-                            value=_model_value(trial.score))
+        return create_trial(params=dict(trial.model), distributions=self._distributions(), value=value)
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -207,8 +218,9 @@ class TPE(Tuner):
             _check_keys(item, _TRIAL_KEYS, f"the tpe algorithm state's trials[{i}]")
             params = dict(_get(item, "params"))
             self._space.normalize(params)  # legal values of this space, or ValueError
-            trials.append(_Trial(params, _opt_float(_get(item, "score"), f"trials[{i}] score"),
-                                 self._model(_get(item, "model"), f"trials[{i}] model")))
+            score = _get(item, "score")
+            score = Pruned.from_json(score) if isinstance(score, dict) else _opt_float(score, f"trials[{i}] score")
+            trials.append(_Trial(params, score, self._model(_get(item, "model"), f"trials[{i}] model")))
         if len(trials) % self._popsize:
             raise ValueError(f"{len(trials)} told trials is not a whole number of rounds of {self._popsize}")
         pending_model = _get(d, "pending_model")
@@ -248,6 +260,16 @@ class TPE(Tuner):
 
 def _model_value(score: float | None) -> float:
     return -math.inf if score is None else score
+
+
+def _model_values(scores: list[float | Pruned | None]) -> list[float]:
+    """The study's value of each told trial: its score; -inf for a failure; a pruned trial
+    below the lowest real score of the history, by rank (see the module docstring)."""
+    real = [s for s in scores if isinstance(s, float)]
+    low = min(real) if real else 0.0
+    levels = pruned_levels(scores)
+    return [low - (1.0 + abs(low)) * (1.0 - levels[s]) if isinstance(s, Pruned) else _model_value(s)
+            for s in scores]
 
 
 def _distribution(p: Any) -> Any:

@@ -1,7 +1,7 @@
 """Live progress of a search in the terminal: a watcher (see ``watch.watchers``).
 
 On a terminal it draws a small rich ``Live`` panel below the normal output: round k of N,
-trials running / done / failed (this round and in total), the best score so far with its
+trials running / done / stopped early / failed (this round and in total), the best score so far with its
 hyperparameters, the elapsed time and an estimate of the time left. Everything else
 printed meanwhile (the flow's per-round lines, crash warnings, Prefect's console log)
 still appears, above the panel: while the panel is up, ``sys.stdout``, ``sys.stderr``
@@ -246,6 +246,9 @@ class ProgressDisplay:
                 new_best = self._consider_best(record)
             if outcome == "ok":
                 what = f"done{took}, score {record['score']:.6g}" + (" (new best)" if new_best else "")
+            elif outcome == "pruned":
+                last = (record.get("curve") or [[None, None]])[-1]
+                what = f"stopped early{took} at step {last[0]} (value {last[1]})"
             elif outcome == "interrupted":
                 what = "interrupted"
             else:
@@ -266,8 +269,10 @@ class ProgressDisplay:
             self._round_done.add(k)
             took = f" in {format_duration(self._clock() - self._round_t0)}" if self._round_t0 else ""
             done, failed, _ = self._round_counts(k)
+            pruned = self._pruned(k)
             line = None if self.mode == "live" else (
-                f"{_PREFIX} round {k + 1}/{self._rounds} finished{took}: {done} done, {failed} failed"
+                f"{_PREFIX} round {k + 1}/{self._rounds} finished{took}: {done} done, "
+                f"{f'{pruned} stopped early, ' if pruned else ''}{failed} failed"
                 f" | best {self._best_text(params=True)} | {self._times()}")
             if k + 1 < self._rounds:
                 self._round, self._round_t0 = k + 1, None
@@ -278,10 +283,12 @@ class ProgressDisplay:
         with self._lock:
             self._finished_all = True
             done = sum(1 for r in self._finished.values() if r.get("outcome") == "ok")
-            failed = len(self._finished) - done
+            pruned = self._pruned()
+            failed = len(self._finished) - done - pruned
             elapsed = format_duration(self._clock() - self._t0) if self._t0 is not None else "?"
             line = None if self.mode == "live" else (
-                f"{_PREFIX} search finished in {elapsed}: {done} done, {failed} failed"
+                f"{_PREFIX} search finished in {elapsed}: {done} done, "
+                f"{f'{pruned} stopped early, ' if pruned else ''}{failed} failed"
                 f" | best {self._best_text(params=True)}")
             self._emit(line)  # under the lock: lines come out in the order counted
         self._refresh()
@@ -316,10 +323,16 @@ class ProgressDisplay:
         return False
 
     def _round_counts(self, k: int) -> tuple[int, int, int]:
+        """(done, failed, running) of round k; trials stopped early are in neither (``_pruned``)."""
         mine = [r for (rk, _), r in self._finished.items() if rk == k]
         done = sum(1 for r in mine if r.get("outcome") == "ok")
         running = sum(1 for (rk, _) in self._running if rk == k)
-        return done, len(mine) - done, running
+        return done, len(mine) - done - self._pruned(k), running
+
+    def _pruned(self, k: int | None = None) -> int:
+        """Trials stopped early, of round k or (None) of the whole search."""
+        return sum(1 for (rk, _), r in self._finished.items()
+                   if r.get("outcome") == "pruned" and (k is None or rk == k))
 
     def _best_text(self, *, params: bool) -> str:
         best = self._best
@@ -354,9 +367,12 @@ class ProgressDisplay:
     def _status(self) -> str:
         done, failed, _ = self._round_counts(self._round)
         total_done = sum(1 for r in self._finished.values() if r.get("outcome") == "ok")
-        total_failed = len(self._finished) - total_done
-        return (f"running {len(self._running)} | this round: {done} done, {failed} failed of "
-                f"{self._popsize} | total: {total_done} done, {total_failed} failed of "
+        total_pruned = self._pruned()
+        total_failed = len(self._finished) - total_done - total_pruned
+        pruned = (f"{self._pruned(self._round)} stopped early, ", f"{total_pruned} stopped early, ") \
+            if total_pruned else ("", "")  # said once a trial was stopped early
+        return (f"running {len(self._running)} | this round: {done} done, {pruned[0]}{failed} failed of "
+                f"{self._popsize} | total: {total_done} done, {pruned[1]}{total_failed} failed of "
                 f"{self._rounds * self._popsize} | best {self._best_text(params=False)} | {self._times()}")
 
     # -- plain output --------------------------------------------------------------------
@@ -385,13 +401,16 @@ class ProgressDisplay:
             head = Text(f"round {k + 1}/{rounds} {state}  ·  {self._times()}", no_wrap=False)
             table = Table(box=None, padding=(0, 1), show_edge=False, expand=False)
             table.add_column("trials")
-            for name in ("running", "done", "failed", "of"):
+            stopped = self._pruned() > 0  # a column once a trial was stopped early
+            for name in ("running", "done", *(["stopped"] if stopped else []), "failed", "of"):
                 table.add_column(name, justify="right")
             done, failed, running = self._round_counts(k)
-            table.add_row("this round", str(running), str(done), str(failed), str(self._popsize))
+            table.add_row("this round", str(running), str(done), *([str(self._pruned(k))] if stopped else []),
+                          str(failed), str(self._popsize))
             total_done = sum(1 for r in self._finished.values() if r.get("outcome") == "ok")
             table.add_row("total", str(len(self._running)), str(total_done),
-                          str(len(self._finished) - total_done), str(rounds * self._popsize))
+                          *([str(self._pruned())] if stopped else []),
+                          str(len(self._finished) - total_done - self._pruned()), str(rounds * self._popsize))
             best = Text(_printable(f"best {self._best_text(params=True)}"), overflow="ellipsis")
             now = self._clock()
             running_now = sorted(self._running.items())

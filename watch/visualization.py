@@ -13,6 +13,7 @@ visualization/pop_<i>/              one run per population member, as the origin
 visualization/trials/r<k>-c<i>/     one run per trial, for the HParams (parallel coordinates) view
   an hparams record: every hyperparameter plus "round" and "outcome"; metric trial/eval_value
   trial/eval_value                        its score, at step k
+  trial/intermediate_value                its report_intermediate curve, at the steps it reported
 ```
 
 Beyond the original, and decisions it did not have to make:
@@ -22,6 +23,11 @@ Beyond the original, and decisions it did not have to make:
   hyperparameters are written, and in the HParams view it appears with ``outcome`` (a
   string axis) and an empty metric, so the regions that crash are visible. Until some
   trial succeeds, ``hyperparameter_tuning/*`` has no point (there is no best yet).
+- Intermediate curves (``report_intermediate``; early stopping reads them) go to each trial's
+  run, one point per reported step, so VisualDL's scalar view shows every trial's curve with
+  the step on the x-axis, a trial stopped early ending where it stopped. Its HParams
+  ``outcome`` is ``pruned``. A value that was not a finite number is not drawn. The curves
+  are written with the round, like everything else here.
 - The best is ``runtime.rundir.trial_rank_key``'s: failures below every score, ties to the
   earliest trial, the same trial as ``best_model/``.
 - A hyperparameter whose value is not a number (a ``choice`` of strings) has no scalar
@@ -66,12 +72,13 @@ from runtime.atomic_files import read_json, write_json_atomic
 from runtime.rundir import RunDir, trial_rank_key
 
 __all__ = ["Scalar", "TrialHParams", "RoundPoints", "round_points", "trial_run", "VisualDLLogs",
-           "VisualDLWatcher", "MAIN_RUN", "TRIAL_METRIC", "LOG_FILE_NAME"]
+           "VisualDLWatcher", "MAIN_RUN", "TRIAL_METRIC", "TRIAL_CURVE", "LOG_FILE_NAME"]
 
 _log = logging.getLogger("autofinetune.visualization")
 
 MAIN_RUN = "."                              # the run in visualization/ itself
 TRIAL_METRIC = "trial/eval_value"           # the HParams view's metric, in each trial's run
+TRIAL_CURVE = "trial/intermediate_value"    # a trial's report_intermediate points, step = its step
 LOG_FILE_NAME = "vdlrecords.autofinetune.log"  # VisualDL reads files whose name has "vdlrecords"
 _INDEX_NAME = ".index.json"
 _INDEX_VERSION = 1
@@ -212,6 +219,10 @@ def round_points(k: int, rounds: Sequence[Sequence[dict]], names: Sequence[str])
         if _is_ok(r):
             scalars.append(Scalar(trial_run(k, i), TRIAL_METRIC, k, float(r["score"]),
                                   _ms(r.get("ended_at")) or round_time))
+        for step, value in r.get("curve") or ():
+            if _number(value) is not None:
+                scalars.append(Scalar(trial_run(k, i), TRIAL_CURVE, int(step), float(value),
+                                      _ms(r.get("started_at")) or round_time))
     return RoundPoints(scalars, hparams)
 
 
