@@ -36,7 +36,8 @@ from flows.dask_runner import dask_trials
 from flows.ephemeral_server import reap_stale_server, record_ephemeral_server
 from flows.search_round import WATCHERS, search_round
 from runtime.rundir import START_FILES, RunDir
-from runtime.search import SearchInterrupted, check_resume, check_rounds_on_disk, new_state, record_best
+from runtime.search import (SearchInterrupted, check_resume, check_rounds_on_disk, final_summary, new_state,
+                            record_best)
 from runtime.settings import Settings, fresh_seed, resolve_settings
 from runtime.slots import SlotPool
 from runtime.trial import reap_orphans
@@ -205,15 +206,6 @@ def _run_search(run_dir: RunDir, settings: Settings, watchers: Watchers) -> dict
 
 
 def _final_summary(run_dir: RunDir, names: list[str], best: dict | None) -> dict:
-    if best is None:
-        print(f"No trial produced a score; see the logs under {run_dir.path}.", flush=True)
-        return {"output_dir": str(run_dir.path), "best_params": None, "best_score": None,
-                "best_model": None}
-    print("The final best hyperparameters:")
-    for name in names:
-        print(f"{name}={best['params'][name]}")
-    print(f"The final best eval score is {best['score']}.")
-    print(f"The final best model parameters are saved as {run_dir.best_model} .", flush=True)
-    return {"output_dir": str(run_dir.path), "best_params": best["params"],
-            "best_score": best["score"], "best_model": str(run_dir.best_model),
-            "best_trial": {"round": best["round"], "candidate": best["candidate"]}}
+    text, summary = final_summary(run_dir, names, best)
+    print(text, flush=True)
+    return summary

@@ -6,7 +6,8 @@
 Parses the options (declared once, in ``runtime.options``), checks every input before
 Prefect is even imported (``--help`` and a bad input answer in well under a second), sets
 Prefect's defaults for this process, installs the Ctrl-C/SIGTERM handler and runs the
-``autofinetune`` flow in this process. Exit status: 0 success, 1 no trial produced a score,
+``autofinetune`` flow in this process. The command of a finished search (``--round`` not
+raised) is answered from the run dir without Prefect: the final summary, exit 0. Exit status: 0 success, 1 no trial produced a score,
 2 bad input (one line; nothing was created on disk), 3 could not run (the environment
 failed: an unwritable or full disk, an unreachable or dead Prefect API; one line with the
 cause and the fix; re-run to resume), 130 stopped by SIGINT/SIGTERM or cancelled in the
@@ -26,7 +27,8 @@ from flows.environment import (EXIT_COULD_NOT_RUN, ApiWatchdog, CouldNotRun, Qui
                                dead_after_s, describe_failure, probe_api)
 from runtime.options import add_arguments
 from runtime.rundir import RunDir, RunDirBusy, StopMarker
-from runtime.search import SearchInterrupted, check_resume, check_rounds_on_disk, load_tuner
+from runtime.search import (SearchInterrupted, check_resume, check_rounds_on_disk, final_summary, load_tuner,
+                            record_best)
 from runtime.settings import resolve_settings, split_script_and_extras
 
 __all__ = ["main", "build_parser", "PREFECT_DEFAULTS"]
@@ -138,6 +140,30 @@ def _give_up_on_dead_api(run_dir: RunDir, url: str, out: Path):
     return give_up
 
 
+def _answer_finished(run_dir: RunDir, settings, state) -> int:
+    """A search that already ran its rounds (``--round`` not raised): finish what a kill at its
+    very end left undone, as a resume would, and print the final summary; no Prefect at all.
+    (The Prefect artifact of the best stays as the run that finished wrote it.)"""
+    from flows.ephemeral_server import reap_stale_server
+    from runtime.trial import reap_orphans
+    from watch.visualization import VisualDLLogs, VisualDLWatcher
+
+    names = list(settings.space.names)
+    with run_dir.lock():  # a live search on the dir is refused here too
+        reap_stale_server(run_dir.path / ".prefect-server")
+        reap_orphans(run_dir.pid_files())
+        run_dir.remove_temp_files()
+        run_dir.stop.clear()
+        best = record_best(run_dir, names, final=True)
+        if VisualDLLogs(run_dir.visualization).rounds_written < state.next_round:
+            VisualDLWatcher(output_dir=run_dir.path, names=names).search_started({"next_round": state.next_round})
+    text, _ = final_summary(run_dir, names, best)
+    print(text, flush=True)
+    print(f"autofinetune: the search in {run_dir.path} already ran its {state.next_round} rounds; "
+          "raise --round to extend it.", file=sys.stderr, flush=True)
+    return 0 if best is not None else 1
+
+
 def _claim(path: Path) -> Path | None:
     """Create ``path`` (or ``path-2``, ``-3``, ...) exclusively; None when none is free."""
     for n in range(1, 100):
@@ -171,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         if state is not None:
             check_resume(state, settings.search, run_dir.state_path)
             check_rounds_on_disk(run_dir, state)
+            if state.next_round >= settings.rounds:  # finished: answer from the run dir (no tuner)
+                return _answer_finished(run_dir, settings, state)
             try:
                 load_tuner(state)  # a damaged tuner state is refused here too, not mid-search
             except ValueError as exc:

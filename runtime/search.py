@@ -22,8 +22,8 @@ from tuners import SearchSpace, make_tuner
 
 __all__ = ["SearchMismatchError", "SearchInterrupted", "new_state", "check_resume", "check_rounds_on_disk",
            "propose",
-           "trial_spec", "finished_trial", "run_candidate", "tell_round", "record_best", "load_tuner", "plan_next_parents",
-           "parents_for"]
+           "trial_spec", "finished_trial", "run_candidate", "tell_round", "record_best", "final_summary",
+           "load_tuner", "plan_next_parents", "parents_for"]
 
 
 class SearchMismatchError(ValueError):
@@ -240,6 +240,19 @@ def record_best(run_dir: RunDir, names: list[str], *, final: bool) -> dict | Non
             run_dir.write_state(state)
     run_dir.write_log_file(names, trials, final=final)
     return best
+
+
+def final_summary(run_dir: RunDir, names: list[str], best: dict | None) -> tuple[str, dict]:
+    """The search's last words in the original's wording, and the flow's result (a dict)."""
+    if best is None:
+        return (f"No trial produced a score; see the logs under {run_dir.path}.",
+                {"output_dir": str(run_dir.path), "best_params": None, "best_score": None, "best_model": None})
+    lines = ["The final best hyperparameters:", *(f"{name}={best['params'][name]}" for name in names),
+             f"The final best eval score is {best['score']}.",
+             f"The final best model parameters are saved as {run_dir.best_model} ."]
+    return "\n".join(lines), {"output_dir": str(run_dir.path), "best_params": best["params"],
+                              "best_score": best["score"], "best_model": str(run_dir.best_model),
+                              "best_trial": {"round": best["round"], "candidate": best["candidate"]}}
 
 
 def _has_checkpoint(path: Path) -> bool:
