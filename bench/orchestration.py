@@ -416,6 +416,20 @@ def _cpu_seconds() -> tuple[float, float]:
     return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
 
 
+def keep_or_remove(tmp: Path, *, keep: bool) -> None:
+    """The temp dir of a run: kept (and said so) or removed."""
+    if keep:
+        print(f"kept {tmp}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def other_cpu_since(start: tuple[float, float]) -> float:
+    """CPU-seconds other processes used since ``start`` (a ``_cpu_seconds()`` reading)."""
+    end = _cpu_seconds()
+    return max(0.0, (end[0] - start[0]) - (end[1] - start[1]))
+
+
 def _f(x: float | None, fmt: str) -> str:
     return "—" if x is None or x != x else format(x, fmt)
 
@@ -716,13 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers:
             server.stop()
-        if args.keep or failed:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        keep_or_remove(tmp, keep=args.keep or failed)
     wall = time.perf_counter() - t_start
-    cpu_end = _cpu_seconds()
-    other_cpu = max(0.0, (cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1]))
+    other_cpu = other_cpu_since(cpu_start)
 
     summaries = {}
     for c in configs:

@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         from prefect.exceptions import CancelledRun, TerminationSignal
 
         from flows.autofinetune import autofinetune
+        from flows.search_round import heartbeats_off_unless_set
 
         api_url = _start_embedded_api()
         if api_url:
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             watchdog.start()
         _quiet_console(watchdog)
         try:
-            summary = autofinetune(**args)
+            with heartbeats_off_unless_set():
+                summary = autofinetune(**args)
         except TerminationSignal:  # a SIGTERM while Prefect's own handler was in force
             handler.requested = True
             run_dir.stop.set()

@@ -465,6 +465,32 @@ def _finished_search(toy, rounds: int) -> RunDir:
     return run_dir
 
 
+def test_the_log_file_is_updated_from_the_new_rounds_records_only(toy):
+    run_dir, _ = fresh_run(toy, popsize=3, rounds=3)
+    for k in range(3):
+        records = []
+        for i, params in enumerate(propose(run_dir, k)):
+            run_dir.model_dir(k, i).mkdir(parents=True)
+            outcome = "crashed" if (k, i) == (1, 0) else "ok"
+            records.append({"round": k, "candidate": i, "params": params, "score": [0.5, 0.9, 0.1][i] - k * 0.3,
+                            "outcome": outcome, "saved_params_dir": str(run_dir.model_dir(k, i)), "parent": None})
+            run_dir.write_trial(records[-1])
+        tell_round(run_dir, k, records)
+        best = record_best(run_dir, ["x", "n"], final=False)
+        assert (best["round"], best["candidate"]) == (0, 1)
+    incremental = run_dir.log_file.read_text()
+    run_dir.write_log_file(["x", "n"], run_dir.trials(), final=False)  # from every record
+    assert run_dir.log_file.read_text() == incremental
+    assert run_dir.kept_log_rows(["x", "n"], 3, 3)[1] == 3 and run_dir.kept_log_rows(["x", "n"], 3, 2)[1] == 2
+    run_dir.trial_path(0, 2).unlink()  # an earlier round's record is not read again ...
+    assert record_best(run_dir, ["x", "n"], final=True)["candidate"] == 1
+    assert run_dir.log_file.read_text().startswith("The final best hyperparameters:")
+    run_dir.log_file.write_text("edited by hand\n")  # ... unless the file is not as written
+    assert run_dir.kept_log_rows(["x", "n"], 3, 3) == ([], 0)
+    record_best(run_dir, ["x", "n"], final=True)  # from every record again: the removed one is gone
+    assert len(run_dir.log_file.read_text().splitlines()) == 5 + 1 + 8
+
+
 _CLI_NOTING_PREFECT = ("import sys\nfrom flows.cli import main\ncode = main(sys.argv[1:])\n"
                        "print('prefect imported:', any(m.split('.')[0] == 'prefect' for m in sys.modules))\n"
                        "sys.exit(code)\n")
