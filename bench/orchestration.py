@@ -257,9 +257,60 @@ def _free_port() -> int:
 
 
 def _base_env(home: Path) -> dict:
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    """A child's environment: its own PREFECT_HOME, no API URL, and bytecode cached as a user's
+    Python does (this machine sets PYTHONDONTWRITEBYTECODE; every import would compile)."""
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
     env.pop("PREFECT_API_URL", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
+
+
+STARTS = ("embedded, cold PREFECT_HOME", "embedded, warm PREFECT_HOME", "running server")
+
+
+def measure_starts(tmp: Path, server: "PrefectServer", durations_path: Path, repeats: int) -> dict:
+    """Seconds to the first trial (a 2x1 search) against an empty Prefect flow's start
+    (``bench/empty_flow.py``), side by side, interleaved, in each way of reaching an API."""
+    warm = tmp / "warm-home"
+    warm.mkdir()
+    subprocess.run([sys.executable, str(_BENCH_DIR / "empty_flow.py"), str(tmp / "warm-mark")], cwd=_ROOT,
+                   env=_base_env(warm), check=True, capture_output=True)  # the database exists now
+    found: dict = {}
+    n = 0
+    for rep in range(repeats):
+        for how in STARTS:
+            for what in ("empty flow", "autofinetune"):
+                n += 1
+                if how == STARTS[0]:
+                    home = tmp / f"cold-home-{n}"
+                    home.mkdir()
+                    env = _base_env(home)
+                else:
+                    env = _base_env(warm) if how == STARTS[1] else server.client_env()
+                if what == "empty flow":
+                    mark = tmp / f"start-mark-{n}"
+                    t0 = time.time()
+                    subprocess.run([sys.executable, str(_BENCH_DIR / "empty_flow.py"), str(mark)], cwd=_ROOT,
+                                   env=env, check=True, capture_output=True)
+                    seconds = float(mark.read_text()) - t0
+                else:
+                    run = run_flow(Config(2, 2, 1), tmp / f"start-{n}", durations_path, env)
+                    seconds = min(t for kind, t, _, _ in run.events if kind == "start") - run.t0
+                found.setdefault((how, what), []).append(seconds)
+                print(f"  [{rep + 1}/{repeats}] start, {how}, {what}: {seconds:.2f} s", file=sys.stderr, flush=True)
+    return found
+
+
+def starts_table(found: dict) -> list[str]:
+    lines = ["| Prefect API | empty flow: command → body s (runs) | autofinetune: command → first trial s "
+             "(runs) | difference s (medians) |", "|---|---:|---:|---:|"]
+    for how in STARTS:
+        empty, ours = found[(how, "empty flow")], found[(how, "autofinetune")]
+        lines.append(f"| {how} | {_median(empty):.2f} ({', '.join(f'{x:.1f}' for x in empty)}) "
+                     f"| {_median(ours):.2f} ({', '.join(f'{x:.1f}' for x in ours)}) "
+                     f"| {_median(ours) - _median(empty):+.2f} |")
+    return lines
 
 
 class PrefectServer:
@@ -536,7 +587,7 @@ is the extra time before the first trial."""
 def build_report(*, command: str, started: datetime.datetime, wall: float, configs: list[Config],
                  schedule: dict, summaries: dict, server_startup: float | None,
                  busy_notes: list[str], load: tuple[list[float], list[float]],
-                 other_cpu: float, incidents: list[str]) -> tuple[str, str]:
+                 other_cpu: float, incidents: list[str], starts: dict) -> tuple[str, str]:
     rows = [table_row(c, m, summaries[(c, m)]) for c in configs for m in (*MODES, "flow-ephemeral")
             if (c, m) in summaries]
     table = "\n".join([TABLE_HEAD, *rows])
@@ -601,6 +652,12 @@ def build_report(*, command: str, started: datetime.datetime, wall: float, confi
         "wall = the whole command.",
         "",
         *what_this_shows(configs, summaries, schedule),
+        *(["", "## Time to the first trial against Prefect's own start", "",
+           "Side by side, interleaved: `bench/empty_flow.py` (an empty `@flow` whose body writes the time) "
+           "against the CLI's first trial (a 2-candidate, 1-round search; the trial's own interpreter start "
+           "counted), from the command's start. Cold: a fresh PREFECT_HOME per run (the embedded server "
+           "creates its database); warm: one used before; running server: the `prefect server start` above.",
+           "", *starts_table(starts)] if starts else []),
     ]
     return "\n".join(lines), table
 
@@ -625,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", type=_parse_configs,
                         help="SLOTSxPOPSIZExROUNDS,... (default 2x6x3,4x8x3)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per (config, mode) (default 3)")
+    parser.add_argument("--start-repeats", type=int, default=None,
+                        help="runs per way of reaching the API for the time to the first trial (default 2; 0: none)")
     parser.add_argument("--no-ephemeral", action="store_true",
                         help="skip the run with the embedded (ephemeral) Prefect API")
     parser.add_argument("--out", type=Path, help="Markdown report (default bench/results/orchestration.md; "
@@ -670,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_start = _cpu_seconds()
     servers: list[PrefectServer] = []
     results: dict[tuple[Config, str], list[dict]] = {}
+    starts: dict = {}
 
     def start_server() -> PrefectServer:
         home = tmp / f"server-home-{len(servers)}"
@@ -687,6 +747,11 @@ def main(argv: list[str] | None = None) -> int:
         warm_d = tmp / "durations-warmup.json"
         warm_d.write_text(json.dumps({"r0c0": 0.0}))
         run_flow(warm, tmp / "warmup", warm_d, server.client_env())
+        start_repeats = args.start_repeats if args.start_repeats is not None else (1 if args.quick else 2)
+        if start_repeats:
+            start_d = tmp / "durations-start.json"
+            start_d.write_text(json.dumps({"r0c0": 0.2, "r0c1": 0.2}))
+            starts = measure_starts(tmp, server, start_d, start_repeats)
         for rep in range(repeats):
             for c in configs:
                 for mode in MODES:
@@ -745,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
                                  schedule=schedule, summaries=summaries,
                                  server_startup=servers[0].startup_s if servers else None,
                                  busy_notes=busy_notes, load=(load_start, list(os.getloadavg())),
-                                 other_cpu=other_cpu, incidents=incidents)
+                                 other_cpu=other_cpu, incidents=incidents, starts=starts)
     print(table)
     print(f"wall time {wall:.0f} s")
     if out is not None:

@@ -72,14 +72,17 @@ class _StopHandler:
               "launching no more", file=sys.stderr, flush=True)
 
 
-def _start_embedded_api() -> str | None:
-    """Start Prefect's embedded API now, with SIGINT blocked in it.
+def _start_embedded_api(warm_up) -> str | None:
+    """Start Prefect's embedded API now, with SIGINT blocked in it, and run ``warm_up`` (the
+    imports the first trial needs) while it starts.
 
     Prefect starts it lazily as a child in our process group, so a terminal's Ctrl-C
     reached it too and killed the API the search needs to record its stop. A blocked
     signal stays blocked across exec, so the server ignores Ctrl-C and is stopped by
-    Prefect (SIGTERM) when the search exits. Returns the API's URL: PREFECT_API_URL's, checked
-    to answer (else ``CouldNotRun``), or the embedded server's.
+    Prefect (SIGTERM) when the search exits. The server is started from a thread of its own
+    that blocks SIGINT (a thread's mask is what its child inherits) and then only waits for
+    the server's /health, so this thread imports meanwhile. Returns the API's URL:
+    PREFECT_API_URL's, checked to answer (else ``CouldNotRun``), or the embedded server's.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
@@ -90,18 +93,46 @@ def _start_embedded_api() -> str | None:
             raise CouldNotRun(f"the Prefect API at {url} (PREFECT_API_URL) does not answer ({why}); "
                               "start it (prefect server start), or unset PREFECT_API_URL to use an "
                               "embedded one")
+        warm_up()
         return url
     if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        warm_up()
         return None
+    import threading
+
     from prefect.server.api.server import SubprocessASGIServer
 
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    server = SubprocessASGIServer()  # the instance Prefect's client will reuse
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            server.start()
+        except BaseException as exc:  # raised below, in the CLI's thread
+            failed.append(exc)
+
+    starting = threading.Thread(target=start, name="prefect-embedded-api", daemon=True)
+    starting.start()
     try:
-        server = SubprocessASGIServer()  # the instance Prefect's client will reuse
-        server.start()
+        warm_up()
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        starting.join()
+    if failed:
+        raise failed[0]
     return server.api_url
+
+
+def _warm_up(settings) -> None:
+    """Import what the first trial needs (Prefect's flow engine, the round's tasks, the
+    watchers, the tuner's backend: cmaes and scipy for HAZero), while the API starts."""
+    import flows.autofinetune  # noqa: F401
+    import watch.gpu_telemetry  # noqa: F401
+    import watch.progress  # noqa: F401
+    from tuners import SearchSpace, make_tuner
+
+    search = settings.search
+    make_tuner(search.strategy, SearchSpace.from_dict(search.space), popsize=search.popsize, seed=0)
 
 
 def _quiet_console(watchdog: ApiWatchdog | None) -> None:
@@ -227,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from prefect.exceptions import CancelledRun, TerminationSignal
 
+        api_url = _start_embedded_api(lambda: _warm_up(settings))
         from flows.autofinetune import autofinetune
         from flows.search_round import heartbeats_off_unless_set
 
-        api_url = _start_embedded_api()
         if api_url:
             watchdog = ApiWatchdog(api_url, _give_up_on_dead_api(run_dir, api_url, out), dead_after_s())
             watchdog.start()
