@@ -257,9 +257,71 @@ def _free_port() -> int:
 
 
 def _base_env(home: Path) -> dict:
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    """A child's environment: its own PREFECT_HOME, no API URL, and bytecode cached as a user's
+    Python does (this machine sets PYTHONDONTWRITEBYTECODE; every import would compile)."""
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
     env.pop("PREFECT_API_URL", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
+
+
+STARTS = ("embedded, cold PREFECT_HOME", "embedded, warm PREFECT_HOME", "running server")
+
+
+def measure_starts(tmp: Path, server: "PrefectServer", durations_path: Path, repeats: int) -> dict:
+    """Seconds to the first trial (a 2x1 search) against an empty Prefect flow's start
+    (``bench/empty_flow.py``), side by side, interleaved, in each way of reaching an API."""
+    warm = tmp / "warm-home"
+    warm.mkdir()
+    subprocess.run([sys.executable, str(_BENCH_DIR / "empty_flow.py"), str(tmp / "warm-mark")], cwd=_ROOT,
+                   env=_base_env(warm), check=True, capture_output=True)  # the database exists now
+    found: dict = {}
+    n = 0
+    for rep in range(repeats):
+        for how in STARTS:
+            for what in ("empty flow", "autofinetune"):
+                n += 1
+                if how == STARTS[0]:
+                    home = tmp / f"cold-home-{n}"
+                    home.mkdir()
+                    env = _base_env(home)
+                else:
+                    env = _base_env(warm) if how == STARTS[1] else server.client_env()
+                if what == "empty flow":
+                    mark = tmp / f"start-mark-{n}"
+                    t0 = time.time()
+                    subprocess.run([sys.executable, str(_BENCH_DIR / "empty_flow.py"), str(mark)], cwd=_ROOT,
+                                   env=env, check=True, capture_output=True)
+                    seconds = float(mark.read_text()) - t0
+                else:
+                    run = run_flow(Config(2, 2, 1), tmp / f"start-{n}", durations_path, env)
+                    seconds = min(t for kind, t, _, _ in run.events if kind == "start") - run.t0
+                found.setdefault((how, what), []).append(seconds)
+                print(f"  [{rep + 1}/{repeats}] start, {how}, {what}: {seconds:.2f} s", file=sys.stderr, flush=True)
+    return found
+
+
+def prefect_floor(tmp: Path, server: "PrefectServer", n: int = 10) -> dict:
+    """ms per empty subflow run (heartbeat off) and per empty task run, against the server."""
+    mark = tmp / "floor.json"
+    subprocess.run([sys.executable, str(_BENCH_DIR / "empty_flow.py"), str(mark), "--subflows", str(n)],
+                   cwd=_ROOT, env=server.client_env(), check=True, capture_output=True)
+    floor = json.loads(mark.read_text())
+    print(f"  Prefect's floor: {floor['subflow_ms']:.0f} ms per empty subflow run, {floor['task_ms']:.0f} ms "
+          "per empty task run", file=sys.stderr, flush=True)
+    return floor
+
+
+def starts_table(found: dict) -> list[str]:
+    lines = ["| Prefect API | empty flow: command → body s (runs) | autofinetune: command → first trial s "
+             "(runs) | difference s (medians) |", "|---|---:|---:|---:|"]
+    for how in STARTS:
+        empty, ours = found[(how, "empty flow")], found[(how, "autofinetune")]
+        lines.append(f"| {how} | {_median(empty):.2f} ({', '.join(f'{x:.1f}' for x in empty)}) "
+                     f"| {_median(ours):.2f} ({', '.join(f'{x:.1f}' for x in ours)}) "
+                     f"| {_median(ours) - _median(empty):+.2f} |")
+    return lines
 
 
 class PrefectServer:
@@ -416,6 +478,20 @@ def _cpu_seconds() -> tuple[float, float]:
     return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
 
 
+def keep_or_remove(tmp: Path, *, keep: bool) -> None:
+    """The temp dir of a run: kept (and said so) or removed."""
+    if keep:
+        print(f"kept {tmp}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def other_cpu_since(start: tuple[float, float]) -> float:
+    """CPU-seconds other processes used since ``start`` (a ``_cpu_seconds()`` reading)."""
+    end = _cpu_seconds()
+    return max(0.0, (end[0] - start[0]) - (end[1] - start[1]))
+
+
 def _f(x: float | None, fmt: str) -> str:
     return "—" if x is None or x != x else format(x, fmt)
 
@@ -433,7 +509,7 @@ def table_row(config: Config, mode: str, s: dict) -> str:
             f"| {_f(s['round_gap_ms'], '.0f')} | {_f(s['tail'], '.2f')} |")
 
 
-def what_this_shows(configs: list[Config], summaries: dict, schedule: dict) -> list[str]:
+def what_this_shows(configs: list[Config], summaries: dict, schedule: dict, floor: dict) -> list[str]:
     """The findings paragraph, its numbers taken from this run."""
     lines = ["## What this shows", ""]
     for c in configs:
@@ -480,6 +556,18 @@ def what_this_shows(configs: list[Config], summaries: dict, schedule: dict) -> l
             f"{summaries[(c, 'flow')]['to_first']:.1f} s with a running server: the embedded server's "
             f"start-up and database creation. Its makespan is {e['makespan']:.2f} s "
             f"({e['x_pool']:.2f}× the pool).")
+    if floor:
+        c = configs[0]
+        fl, pool = summaries[(c, "flow")], summaries[(c, "pool")]
+        lines.append(
+            f"- Prefect's floor, measured in isolation against the same server (`bench/empty_flow.py "
+            f"--subflows {floor['n']}`): an empty subflow run named `round-<k>`, without the heartbeat, costs "
+            f"{floor['subflow_ms']:.0f} ms, an empty task run {floor['task_ms']:.0f} ms. A round here costs "
+            f"{fl['round_gap_ms'] - pool['round_gap_ms']:.0f} ms more than the pool's round gap ({c.name}): "
+            f"{floor['subflow_ms'] + floor['task_ms']:.0f} ms of it is that floor (one subflow run and the "
+            "`update_tuner` task run; with fulltrail and all checkpoints kept there is no "
+            "`select_and_copy_checkpoints` run), the rest the tuner's ask and tell, state.json, "
+            "log_file.txt, the table artifact and the trials' submission.")
     lines += ["", NOTES, ""]
     return lines
 
@@ -489,40 +577,29 @@ NOTES = """\
 Notes. The slot hand-over is cheap: a task thread notices its child's exit within the 50 ms
 poll of `runtime.trial`, records the trial and the next queued task takes the slot, so a freed
 slot idles only tens of ms longer than in the bare pool (which pays the child interpreter's
-exit and start-up too). The flow's cost is per flow run, not per trial, and it is Prefect's:
-every `search_round` subflow run creates a flow run and four bookkeeping task runs through
-the API (~0.3 s here), and, on finishing, Prefect's flow engine joins the run's heartbeat
-thread (`prefect.flow_engine._send_heartbeats`), which sleeps in whole 1 s steps counted from
-the run's start: every subflow run (and the top flow run) lasts until the next whole second
-after its start, 0-1 s of padding (read from the DEBUG log: "Stopped flow run heartbeat
-context" comes a whole number of seconds after "Beginning subflow run"). The heartbeat cannot
-be switched off by a setting (`PREFECT_FLOWS_HEARTBEAT_FREQUENCY` must be >= 30 s); running a
-round's tasks directly in the top flow instead of in a subflow run would avoid the padding
-and the subflow run's own API calls. So the flow loses roughly 0.3-1.3 s per round (where in
-its 1 s step a round ends decides the padding, so it varies between configurations and from
-run to run; a development run of this command measured 1.3 s at S=4): noise
-next to a round of real training (minutes), but what dominates here, where a round lasts
-seconds. The waves' loss instead grows with the spread of trial durations, not with any
-overhead: it is the same fraction of a round at any time scale. Time to the first trial with
-a running server is the CLI importing Prefect and creating the flow run; with the embedded
-API it adds the start of a local API server and its SQLite database. Trials only sleep, so 2
-cores suffice for S = 4, but the flow's own Python process, the server and the trials'
-interpreter start-ups share those cores.
-
-The `dask` mode pays, per trial, Prefect's task engine on the worker: it rebuilds its settings
-and a client from the context shipped with each task (cProfile of `run_task_sync` with a
-serialized context: ~120-180 ms per task here, two thirds of it in `hydrated_context`'s
-pydantic-settings construction, ~20 ms in a new SSL context per client), where a task on a
-thread of the flow's process costs ~6 ms; a plain `distributed` submit costs ~11 ms. That is
-the slot hand-over gap above, a fixed cost per trial: ~10% of a 1 s trial, under 1% of a
-30 s one. Starting a local cluster (worker processes importing `distributed` and Prefect)
-is the extra time before the first trial."""
+exit and start-up too). The flow's cost is per round, and most of it is Prefect's: each round
+is one `round-<k>` subflow run (a tracking task run, the flow run, its state changes: about
+six API calls) plus its bookkeeping task runs. Until this version, Prefect's flow engine also
+joined each run's heartbeat thread when the run ended (`prefect.flow_engine._send_heartbeats`),
+which sleeps in whole 1 s steps from the run's start: every round lasted until its next whole
+second, 0.5 s on average. The rounds (and the CLI's top flow) now run with the heartbeat off
+(`heartbeat_frequency` None in a settings context entered once per search) unless
+`PREFECT_FLOWS_HEARTBEAT_FREQUENCY` is set, as deployments set it for the crash automation;
+the UI-cancel watch gets the top run's id instead of looking it up (two API calls a round);
+the round proposes in its body and records the best inside `update_tuner` (two task runs a
+round fewer); VisualDL's writing runs on a thread of its own. Time to the first trial with a
+running server is the CLI importing Prefect and creating the flow run; with the embedded API
+it adds the start of a local API server (and, cold, its SQLite database), during which the
+CLI now imports the flow engine, the watchers and the tuner's backend. Trials only sleep, so
+2 cores suffice for S = 4, but the flow's own Python process, the server and the trials'
+interpreter start-ups share those cores."""
 
 
 def build_report(*, command: str, started: datetime.datetime, wall: float, configs: list[Config],
                  schedule: dict, summaries: dict, server_startup: float | None,
                  busy_notes: list[str], load: tuple[list[float], list[float]],
-                 other_cpu: float, incidents: list[str]) -> tuple[str, str]:
+                 other_cpu: float, incidents: list[str], starts: dict,
+                 floor: dict) -> tuple[str, str]:
     rows = [table_row(c, m, summaries[(c, m)]) for c in configs for m in (*MODES, "flow-ephemeral")
             if (c, m) in summaries]
     table = "\n".join([TABLE_HEAD, *rows])
@@ -586,7 +663,13 @@ def build_report(*, command: str, started: datetime.datetime, wall: float, confi
         "trial = command start → first trial start. tail = last trial end → command exit. "
         "wall = the whole command.",
         "",
-        *what_this_shows(configs, summaries, schedule),
+        *what_this_shows(configs, summaries, schedule, floor),
+        *(["", "## Time to the first trial against Prefect's own start", "",
+           "Side by side, interleaved: `bench/empty_flow.py` (an empty `@flow` whose body writes the time) "
+           "against the CLI's first trial (a 2-candidate, 1-round search; the trial's own interpreter start "
+           "counted), from the command's start. Cold: a fresh PREFECT_HOME per run (the embedded server "
+           "creates its database); warm: one used before; running server: the `prefect server start` above.",
+           "", *starts_table(starts)] if starts else []),
     ]
     return "\n".join(lines), table
 
@@ -611,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", type=_parse_configs,
                         help="SLOTSxPOPSIZExROUNDS,... (default 2x6x3,4x8x3)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per (config, mode) (default 3)")
+    parser.add_argument("--start-repeats", type=int, default=None,
+                        help="runs per way of reaching the API for the time to the first trial (default 2; 0: none)")
     parser.add_argument("--no-ephemeral", action="store_true",
                         help="skip the run with the embedded (ephemeral) Prefect API")
     parser.add_argument("--out", type=Path, help="Markdown report (default bench/results/orchestration.md; "
@@ -656,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu_start = _cpu_seconds()
     servers: list[PrefectServer] = []
     results: dict[tuple[Config, str], list[dict]] = {}
+    starts: dict = {}
+    floor: dict = {}
 
     def start_server() -> PrefectServer:
         home = tmp / f"server-home-{len(servers)}"
@@ -673,6 +760,12 @@ def main(argv: list[str] | None = None) -> int:
         warm_d = tmp / "durations-warmup.json"
         warm_d.write_text(json.dumps({"r0c0": 0.0}))
         run_flow(warm, tmp / "warmup", warm_d, server.client_env())
+        start_repeats = args.start_repeats if args.start_repeats is not None else (1 if args.quick else 2)
+        if start_repeats:
+            start_d = tmp / "durations-start.json"
+            start_d.write_text(json.dumps({"r0c0": 0.2, "r0c1": 0.2}))
+            starts = measure_starts(tmp, server, start_d, start_repeats)
+        floor = prefect_floor(tmp, server)
         for rep in range(repeats):
             for c in configs:
                 for mode in MODES:
@@ -716,13 +809,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers:
             server.stop()
-        if args.keep or failed:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        keep_or_remove(tmp, keep=args.keep or failed)
     wall = time.perf_counter() - t_start
-    cpu_end = _cpu_seconds()
-    other_cpu = max(0.0, (cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1]))
+    other_cpu = other_cpu_since(cpu_start)
 
     summaries = {}
     for c in configs:
@@ -735,7 +824,8 @@ def main(argv: list[str] | None = None) -> int:
                                  schedule=schedule, summaries=summaries,
                                  server_startup=servers[0].startup_s if servers else None,
                                  busy_notes=busy_notes, load=(load_start, list(os.getloadavg())),
-                                 other_cpu=other_cpu, incidents=incidents)
+                                 other_cpu=other_cpu, incidents=incidents, starts=starts,
+                                 floor=floor)
     print(table)
     print(f"wall time {wall:.0f} s")
     if out is not None:

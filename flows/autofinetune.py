@@ -34,14 +34,15 @@ from flows import signals
 from flows.artifacts import PrefectArtifacts
 from flows.dask_runner import dask_trials
 from flows.ephemeral_server import reap_stale_server, record_ephemeral_server
-from flows.search_round import WATCHERS, search_round
+from flows.search_round import TOP_RUN_ID, WATCHERS, heartbeats_off_unless_set, search_round
 from runtime.rundir import START_FILES, RunDir
-from runtime.search import SearchInterrupted, check_resume, check_rounds_on_disk, new_state, record_best
+from runtime.search import (SearchInterrupted, check_resume, check_rounds_on_disk, final_summary, new_state,
+                            record_best)
 from runtime.settings import Settings, fresh_seed, resolve_settings
 from runtime.slots import SlotPool
 from runtime.trial import reap_orphans
 from tasks.steps import plan_parents_and_prune
-from watch.watchers import Watchers
+from watch.watchers import InBackground, Watchers
 
 __all__ = ["autofinetune", "build_watchers"]
 
@@ -134,7 +135,7 @@ def build_watchers(run_dir: RunDir, settings: Settings) -> list:
     names = list(settings.space.names)
     progress = ProgressDisplay.from_env()  # None when $AUTOFINETUNE_PROGRESS=off
     return [GpuTelemetry.from_env(), PrefectArtifacts(output_dir=str(run_dir.path), names=names),
-            VisualDLWatcher(output_dir=str(run_dir.path), names=names),
+            InBackground(VisualDLWatcher(output_dir=str(run_dir.path), names=names)),
             *([progress] if progress else [])]
 
 
@@ -188,35 +189,30 @@ def _run_search(run_dir: RunDir, settings: Settings, watchers: Watchers) -> dict
         record_best(run_dir, names, final=False)
         if state.next_round > 0:
             plan_parents_and_prune(out, state.next_round - 1)
-        for k in range(state.next_round, settings.rounds):
-            if run_dir.stop.is_set():
-                raise SearchInterrupted(f"stopped before round {k}")
-            try:
-                token = WATCHERS.set(watchers)
+        context = FlowRunContext.get()
+        round_flow = search_round.with_options(task_runner=runner)
+        with heartbeats_off_unless_set():
+            for k in range(state.next_round, settings.rounds):
+                if run_dir.stop.is_set():
+                    raise SearchInterrupted(f"stopped before round {k}")
                 try:
-                    search_round.with_options(task_runner=runner)(out, k, names, placement)
-                finally:
-                    WATCHERS.reset(token)
-            except CancelledRun as exc:
-                raise SearchInterrupted(str(exc) or f"stopped during round {k}") from None
-            except Exception:
-                if client is not None and client.status != "running":
-                    run_dir.stop.set()  # whatever still runs on the workers stops
-                    raise SearchInterrupted(f"the Dask scheduler went away during round {k}") from None
-                raise
+                    tokens = WATCHERS.set(watchers), TOP_RUN_ID.set(context and context.flow_run.id)
+                    try:
+                        round_flow(out, k, names, placement)
+                    finally:
+                        WATCHERS.reset(tokens[0])
+                        TOP_RUN_ID.reset(tokens[1])
+                except CancelledRun as exc:
+                    raise SearchInterrupted(str(exc) or f"stopped during round {k}") from None
+                except Exception:
+                    if client is not None and client.status != "running":
+                        run_dir.stop.set()  # whatever still runs on the workers stops
+                        raise SearchInterrupted(f"the Dask scheduler went away during round {k}") from None
+                    raise
     return record_best(run_dir, names, final=True)
 
 
 def _final_summary(run_dir: RunDir, names: list[str], best: dict | None) -> dict:
-    if best is None:
-        print(f"No trial produced a score; see the logs under {run_dir.path}.", flush=True)
-        return {"output_dir": str(run_dir.path), "best_params": None, "best_score": None,
-                "best_model": None}
-    print("The final best hyperparameters:")
-    for name in names:
-        print(f"{name}={best['params'][name]}")
-    print(f"The final best eval score is {best['score']}.")
-    print(f"The final best model parameters are saved as {run_dir.best_model} .", flush=True)
-    return {"output_dir": str(run_dir.path), "best_params": best["params"],
-            "best_score": best["score"], "best_model": str(run_dir.best_model),
-            "best_trial": {"round": best["round"], "candidate": best["candidate"]}}
+    text, summary = final_summary(run_dir, names, best)
+    print(text, flush=True)
+    return summary

@@ -6,7 +6,8 @@
 Parses the options (declared once, in ``runtime.options``), checks every input before
 Prefect is even imported (``--help`` and a bad input answer in well under a second), sets
 Prefect's defaults for this process, installs the Ctrl-C/SIGTERM handler and runs the
-``autofinetune`` flow in this process. Exit status: 0 success, 1 no trial produced a score,
+``autofinetune`` flow in this process. The command of a finished search (``--round`` not
+raised) is answered from the run dir without Prefect: the final summary, exit 0. Exit status: 0 success, 1 no trial produced a score,
 2 bad input (one line; nothing was created on disk), 3 could not run (the environment
 failed: an unwritable or full disk, an unreachable or dead Prefect API; one line with the
 cause and the fix; re-run to resume), 130 stopped by SIGINT/SIGTERM or cancelled in the
@@ -26,7 +27,8 @@ from flows.environment import (EXIT_COULD_NOT_RUN, ApiWatchdog, CouldNotRun, Qui
                                dead_after_s, describe_failure, probe_api)
 from runtime.options import add_arguments
 from runtime.rundir import RunDir, RunDirBusy, StopMarker
-from runtime.search import SearchInterrupted, check_resume, check_rounds_on_disk, load_tuner
+from runtime.search import (SearchInterrupted, check_resume, check_rounds_on_disk, final_summary, load_tuner,
+                            record_best)
 from runtime.settings import resolve_settings, split_script_and_extras
 
 __all__ = ["main", "build_parser", "PREFECT_DEFAULTS"]
@@ -70,14 +72,17 @@ class _StopHandler:
               "launching no more", file=sys.stderr, flush=True)
 
 
-def _start_embedded_api() -> str | None:
-    """Start Prefect's embedded API now, with SIGINT blocked in it.
+def _start_embedded_api(warm_up) -> str | None:
+    """Start Prefect's embedded API now, with SIGINT blocked in it, and run ``warm_up`` (the
+    imports the first trial needs) while it starts.
 
     Prefect starts it lazily as a child in our process group, so a terminal's Ctrl-C
     reached it too and killed the API the search needs to record its stop. A blocked
     signal stays blocked across exec, so the server ignores Ctrl-C and is stopped by
-    Prefect (SIGTERM) when the search exits. Returns the API's URL: PREFECT_API_URL's, checked
-    to answer (else ``CouldNotRun``), or the embedded server's.
+    Prefect (SIGTERM) when the search exits. The server is started from a thread of its own
+    that blocks SIGINT (a thread's mask is what its child inherits) and then only waits for
+    the server's /health, so this thread imports meanwhile. Returns the API's URL:
+    PREFECT_API_URL's, checked to answer (else ``CouldNotRun``), or the embedded server's.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
@@ -88,18 +93,46 @@ def _start_embedded_api() -> str | None:
             raise CouldNotRun(f"the Prefect API at {url} (PREFECT_API_URL) does not answer ({why}); "
                               "start it (prefect server start), or unset PREFECT_API_URL to use an "
                               "embedded one")
+        warm_up()
         return url
     if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        warm_up()
         return None
+    import threading
+
     from prefect.server.api.server import SubprocessASGIServer
 
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    server = SubprocessASGIServer()  # the instance Prefect's client will reuse
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            server.start()
+        except BaseException as exc:  # raised below, in the CLI's thread
+            failed.append(exc)
+
+    starting = threading.Thread(target=start, name="prefect-embedded-api", daemon=True)
+    starting.start()
     try:
-        server = SubprocessASGIServer()  # the instance Prefect's client will reuse
-        server.start()
+        warm_up()
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        starting.join()
+    if failed:
+        raise failed[0]
     return server.api_url
+
+
+def _warm_up(settings) -> None:
+    """Import what the first trial needs (Prefect's flow engine, the round's tasks, the
+    watchers, the tuner's backend: cmaes and scipy for HAZero), while the API starts."""
+    import flows.autofinetune  # noqa: F401
+    import watch.gpu_telemetry  # noqa: F401
+    import watch.progress  # noqa: F401
+    from tuners import SearchSpace, make_tuner
+
+    search = settings.search
+    make_tuner(search.strategy, SearchSpace.from_dict(search.space), popsize=search.popsize, seed=0)
 
 
 def _quiet_console(watchdog: ApiWatchdog | None) -> None:
@@ -138,6 +171,30 @@ def _give_up_on_dead_api(run_dir: RunDir, url: str, out: Path):
     return give_up
 
 
+def _answer_finished(run_dir: RunDir, settings, state) -> int:
+    """A search that already ran its rounds (``--round`` not raised): finish what a kill at its
+    very end left undone, as a resume would, and print the final summary; no Prefect at all.
+    (The Prefect artifact of the best stays as the run that finished wrote it.)"""
+    from flows.ephemeral_server import reap_stale_server
+    from runtime.trial import reap_orphans
+    from watch.visualization import VisualDLLogs, VisualDLWatcher
+
+    names = list(settings.space.names)
+    with run_dir.lock():  # a live search on the dir is refused here too
+        reap_stale_server(run_dir.path / ".prefect-server")
+        reap_orphans(run_dir.pid_files())
+        run_dir.remove_temp_files()
+        run_dir.stop.clear()
+        best = record_best(run_dir, names, final=True)
+        if VisualDLLogs(run_dir.visualization).rounds_written < state.next_round:
+            VisualDLWatcher(output_dir=run_dir.path, names=names).search_started({"next_round": state.next_round})
+    text, _ = final_summary(run_dir, names, best)
+    print(text, flush=True)
+    print(f"autofinetune: the search in {run_dir.path} already ran its {state.next_round} rounds; "
+          "raise --round to extend it.", file=sys.stderr, flush=True)
+    return 0 if best is not None else 1
+
+
 def _claim(path: Path) -> Path | None:
     """Create ``path`` (or ``path-2``, ``-3``, ...) exclusively; None when none is free."""
     for n in range(1, 100):
@@ -171,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         if state is not None:
             check_resume(state, settings.search, run_dir.state_path)
             check_rounds_on_disk(run_dir, state)
+            if state.next_round >= settings.rounds:  # finished: answer from the run dir (no tuner)
+                return _answer_finished(run_dir, settings, state)
             try:
                 load_tuner(state)  # a damaged tuner state is refused here too, not mid-search
             except ValueError as exc:
@@ -199,15 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from prefect.exceptions import CancelledRun, TerminationSignal
 
+        api_url = _start_embedded_api(lambda: _warm_up(settings))
         from flows.autofinetune import autofinetune
+        from flows.search_round import heartbeats_off_unless_set
 
-        api_url = _start_embedded_api()
         if api_url:
             watchdog = ApiWatchdog(api_url, _give_up_on_dead_api(run_dir, api_url, out), dead_after_s())
             watchdog.start()
         _quiet_console(watchdog)
         try:
-            summary = autofinetune(**args)
+            with heartbeats_off_unless_set():
+                summary = autofinetune(**args)
         except TerminationSignal:  # a SIGTERM while Prefect's own handler was in force
             handler.requested = True
             run_dir.stop.set()

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from runtime.trial import process_start_time
 
-__all__ = ["record_ephemeral_server", "reap_stale_server", "kill_own_servers"]
+__all__ = ["record_ephemeral_server", "reap_stale_server", "kill_own_servers", "children_serving_prefect"]
 
 _MARK = b"prefect.server.api.server:create_app"
 
 
-def _children_serving_prefect(parent: int) -> list[int]:
+def children_serving_prefect(parent: int) -> list[int]:
+    """The pids of ``parent``'s children that serve Prefect's API (an embedded server)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -37,7 +38,7 @@ def _children_serving_prefect(parent: int) -> list[int]:
 
 def record_ephemeral_server(path: Path) -> int | None:
     """Write ``<pid> <start time>`` of this process's ephemeral Prefect server (if any)."""
-    servers = _children_serving_prefect(os.getpid())
+    servers = children_serving_prefect(os.getpid())
     if not servers:
         path.unlink(missing_ok=True)
         return None
@@ -71,7 +72,7 @@ def reap_stale_server(path: Path) -> int | None:
 
 def kill_own_servers() -> list[int]:
     """SIGKILL this process's embedded servers (when it must exit at once)."""
-    servers = _children_serving_prefect(os.getpid())
+    servers = children_serving_prefect(os.getpid())
     for pid in servers:
         try:
             os.kill(pid, signal.SIGKILL)

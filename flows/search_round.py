@@ -21,13 +21,12 @@ from prefect.states import Cancelled
 
 from flows import signals
 from runtime.rundir import RunDir, trial_rank_key
-from runtime.search import finished_trial, parents_for
+from runtime.search import finished_trial, parents_for, propose
 from runtime.trial import crash_warning, outcome_counts, read_pid_file
-from tasks.steps import (plan_parents_and_prune, propose_candidates, tell_tuner, train_candidate,
-                         update_best_model)
+from tasks.steps import plan_parents_and_prune, tell_tuner, train_candidate
 from watch.watchers import Watchers
 
-__all__ = ["search_round", "round_summary", "WATCHERS"]
+__all__ = ["search_round", "round_summary", "WATCHERS", "TOP_RUN_ID", "heartbeats_off_unless_set"]
 
 _POLL_S = 0.25  # how often the round looks for trials that started
 _CANCEL_POLL_S = 2.0  # how often it asks the API whether the run was cancelled in the UI
@@ -40,11 +39,12 @@ class _CancelWatch:
 
     def __init__(self) -> None:
         from prefect.context import FlowRunContext
-        from prefect.runtime import flow_run
 
         context = FlowRunContext.get()
         self.client = context.client if context else None
-        self.ids = {context.flow_run.id, flow_run.root_flow_run_id} if context else set()
+        self.ids = set()
+        if context:  # the top run's id as the top flow handed it (a lookup costs two API calls)
+            self.ids = {context.flow_run.id, TOP_RUN_ID.get() or _root_flow_run_id()}
         self.next_check = time.monotonic() + _CANCEL_POLL_S
 
     def requested(self) -> bool:
@@ -52,6 +52,12 @@ class _CancelWatch:
             return False
         self.next_check = time.monotonic() + _CANCEL_POLL_S
         return signals.cancelled_in_prefect(self.client, self.ids)
+
+
+def _root_flow_run_id():
+    from prefect.runtime import flow_run
+
+    return flow_run.root_flow_run_id
 
 
 def round_summary(k: int, records: list[dict], names: list[str]) -> str:
@@ -168,22 +174,45 @@ WATCHERS: contextvars.ContextVar[Watchers] = contextvars.ContextVar("autofinetun
                                                                     default=Watchers())
 
 
+# The id of the search's top flow run, set by the top flow: a cancel of it stops the round.
+TOP_RUN_ID: contextvars.ContextVar[Any] = contextvars.ContextVar("autofinetune_top_run_id", default=None)
+
+
 def current_watchers() -> Watchers:
     return WATCHERS.get()
 
 
+def heartbeats_off_unless_set():
+    """A context for flow runs (the CLI's top flow, every round): Prefect's settings without
+    the flow-run heartbeat, unless it was set (a deployment's ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``,
+    which ``flows.automations`` watches). Prefect's engine joins a run's heartbeat thread when
+    the run ends, and that thread sleeps in whole seconds from the run's start: every round
+    would last until its next whole second, 0.5 s on average, for heartbeats nobody watches
+    (Prefect's default is one per 180 s). Enter it once, not per run: a copy of the settings
+    costs 0.1-0.3 s."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        return contextlib.nullcontext()
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
 @flow(name="search_round", flow_run_name="round-{k}")
-def search_round(output_dir: str, k: int, names: list[str], placement: Any) -> list[dict]:
-    """Round k. ``placement`` hands out slots (``runtime.slots.Placement``: the flow process's
-    slot pool, or a Dask worker's GPU); the watchers are the caller's ``WATCHERS``.
+def search_round(output_dir: str, k: int, names: list[str], placement: Any) -> dict | None:
+    """Round k; returns the best trial so far. ``placement`` hands out slots
+    (``runtime.slots.Placement``: the flow process's slot pool, or a Dask worker's GPU); the
+    watchers are the caller's ``WATCHERS``. Not the round's records: Prefect keeps what a
+    subflow returns (and each item of it) linked to its state in the caller's run context
+    for the whole search, ~3.5 KB a trial (17 MB at 5,000 trials); they are in the run dir.
 
     A stopped round ends Cancelled (not Failed with a traceback): calling it then raises
     ``prefect.exceptions.CancelledRun``."""
     signals.reassert()  # the CLI's Ctrl-C/SIGTERM handler, over the one Prefect just installed
     watchers = current_watchers()
     run_dir = RunDir(output_dir)
-    candidates = propose_candidates(output_dir, k)
-    parents = parents_for(run_dir.read_state(), k)
+    candidates = propose(run_dir, k)  # in the body: a task run would cost the round ~20 ms
+    state = run_dir.read_state()
+    parents = parents_for(state, k)
     with _asking_for(getattr(placement, "resources", None)):
         futures = [train_candidate.with_options(task_run_name=f"train-r{k}-c{i}")
                    .submit(output_dir, k, i, params, parents[i], placement)
@@ -191,9 +220,9 @@ def search_round(output_dir: str, k: int, names: list[str], placement: Any) -> l
     records = _gather(run_dir, k, futures, candidates, watchers)
     if run_dir.stop.is_set() or any(r["outcome"] == "interrupted" for r in records):
         return Cancelled(message=f"stopped during round {k}")
-    records = tell_tuner(output_dir, k, records)
-    best = update_best_model(output_dir, names)
-    plan_parents_and_prune(output_dir, k)
+    best = tell_tuner(output_dir, k, records, names)
+    if state.search.evaluator == "populationbased" or state.run.keep_checkpoints == "needed":
+        plan_parents_and_prune(output_dir, k)  # else it has nothing to decide or delete
     print(round_summary(k, records, names), flush=True)
     watchers.notify("round_finished", k, records, best)
-    return records
+    return best

@@ -212,10 +212,10 @@ class RunDir:
     def write_trial(self, record: dict) -> None:
         write_json_atomic(self.trial_path(record["round"], record["candidate"]), record)
 
-    def trials(self, rounds: int | None = None) -> list[dict]:
-        """Every recorded trial of rounds ``0 .. rounds-1`` (all rounds when None), in order."""
+    def trials(self, rounds: int | None = None, first: int = 0) -> list[dict]:
+        """Every recorded trial of rounds ``first .. rounds-1`` (to the last when None), in order."""
         records = []
-        k = 0
+        k = first
         while (rounds is None or k < rounds) and self.round_dir(k).is_dir():
             files = sorted(self.round_dir(k).glob("trial-*.json"),
                            key=lambda p: int(p.stem.split("-")[1]))
@@ -258,13 +258,19 @@ class RunDir:
             if leftover.exists():
                 shutil.rmtree(leftover)
 
-    # -- log_file.txt ------------------------------------------------------------------
-    def write_log_file(self, names: list[str], trials: list[dict], *, final: bool) -> None:
+    # -- log_file.txt ------------------------------------------------------------------------
+    def write_log_file(self, names: list[str], trials: list[dict], *, final: bool,
+                       kept: tuple[list[str], dict | None] = ([], None)) -> None:
         """Rewrite ``log_file.txt``: the best so far in the original's wording, then one
         row per trial (hyperparameters, score, saved_params_dir, and what the original
         lacked: round, candidate, outcome and parent checkpoint). A trial stopped early has
-        no score; its outcome says the step and value it last reported."""
-        ok = [t for t in trials if t.get("outcome") == "ok"]
+        no score; its outcome says the step and value it last reported.
+
+        ``kept``: the rows of the earlier rounds as the file holds them (``kept_log_rows``)
+        and the best trial among them; ``trials`` are then only the later rounds' records,
+        so that a round's update reads its own records, not every record of the search."""
+        rows, best_before = kept
+        ok = [t for t in [*trials, *([best_before] if best_before else [])] if t.get("outcome") == "ok"]
         lines = []
         if ok:
             best = min(ok, key=trial_rank_key)
@@ -276,8 +282,8 @@ class RunDir:
                          if final else f"The best model parameters so far are saved as {self.best_model} .")
         else:
             lines.append("No trial has produced a score yet.")
-        lines.append("\t".join([*names, "score", "saved_params_dir", "round", "candidate",
-                                "outcome", "parent"]))
+        lines.append(_log_columns(names))
+        lines += rows
         for t in trials:
             score = t["score"] if t.get("outcome") == "ok" else "-"
             outcome = t["outcome"]
@@ -287,3 +293,24 @@ class RunDir:
                                     t["saved_params_dir"], str(t["round"]), str(t["candidate"]),
                                     outcome, t.get("parent") or "-"]))
         write_text_atomic(self.log_file, "\n".join(lines) + "\n")
+
+    def kept_log_rows(self, names: list[str], popsize: int, rounds: int) -> tuple[list[str], int]:
+        """The rows ``log_file.txt`` holds for rounds ``0 .. n-1`` (whole rounds, n <= ``rounds``),
+        and n; ``([], 0)`` when it is missing or not as ``write_log_file`` writes it."""
+        try:
+            lines = self.log_file.read_text().splitlines()
+            rows = lines[lines.index(_log_columns(names)) + 1:]
+        except (OSError, ValueError):  # missing, unreadable, or another header
+            return [], 0
+        n = min(len(rows) // popsize, rounds)
+        rows = rows[:n * popsize]
+        width = len(names) + 6
+        for j, row in enumerate(rows):  # each row in its place: round j // popsize, candidate j % popsize
+            fields = row.split("\t")
+            if len(fields) != width or fields[-4:-2] != [str(j // popsize), str(j % popsize)]:
+                return [], 0
+        return rows, n
+
+
+def _log_columns(names: list[str]) -> str:
+    return "\t".join([*names, "score", "saved_params_dir", "round", "candidate", "outcome", "parent"])

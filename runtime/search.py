@@ -23,8 +23,8 @@ from tuners import Pruned, SearchSpace, make_tuner
 
 __all__ = ["SearchMismatchError", "SearchInterrupted", "new_state", "check_resume", "check_rounds_on_disk",
            "propose",
-           "trial_spec", "finished_trial", "run_candidate", "tell_round", "record_best", "load_tuner", "plan_next_parents",
-           "parents_for", "tuner_score"]
+           "trial_spec", "finished_trial", "run_candidate", "tell_round", "record_best", "finish_round", "final_summary",
+           "load_tuner", "plan_next_parents", "parents_for", "tuner_score"]
 
 
 class SearchMismatchError(ValueError):
@@ -249,8 +249,13 @@ def record_best(run_dir: RunDir, names: list[str], *, final: bool) -> dict | Non
     """
     run_dir.recover_best_model()
     state = run_dir.read_state()
-    trials = run_dir.trials(rounds=state.next_round)
-    ok = [t for t in trials if t["outcome"] == "ok"]
+    # Only the records of rounds log_file.txt lacks are read; the best of the others is state.best.
+    rows, logged = run_dir.kept_log_rows(names, state.search.popsize, state.next_round)
+    trials = run_dir.trials(rounds=state.next_round, first=logged)
+    best_before = None
+    if state.best is not None and state.best.round < logged:
+        best_before = run_dir.read_trial(state.best.round, state.best.candidate)
+    ok = [t for t in [*trials, *([best_before] if best_before else [])] if t["outcome"] == "ok"]
     best = min(ok, key=trial_rank_key) if ok else None
     if best is not None:
         key = BestTrial(round=best["round"], candidate=best["candidate"], score=best["score"])
@@ -258,8 +263,29 @@ def record_best(run_dir: RunDir, names: list[str], *, final: bool) -> dict | Non
             run_dir.replace_best_model(Path(best["saved_params_dir"]))
             state.best = key
             run_dir.write_state(state)
-    run_dir.write_log_file(names, trials, final=final)
+    run_dir.write_log_file(names, trials, final=final, kept=(rows, best_before))
     return best
+
+
+def finish_round(run_dir: RunDir, k: int, records: list[dict], names: list[str]) -> dict | None:
+    """Tell the tuner round k (``tell_round``), then bring best_model/ and log_file.txt up to
+    date (``record_best``); the best trial so far. Both idempotent, so a re-run after a kill
+    between them finishes the second."""
+    tell_round(run_dir, k, records)
+    return record_best(run_dir, names, final=False)
+
+
+def final_summary(run_dir: RunDir, names: list[str], best: dict | None) -> tuple[str, dict]:
+    """The search's last words in the original's wording, and the flow's result (a dict)."""
+    if best is None:
+        return (f"No trial produced a score; see the logs under {run_dir.path}.",
+                {"output_dir": str(run_dir.path), "best_params": None, "best_score": None, "best_model": None})
+    lines = ["The final best hyperparameters:", *(f"{name}={best['params'][name]}" for name in names),
+             f"The final best eval score is {best['score']}.",
+             f"The final best model parameters are saved as {run_dir.best_model} ."]
+    return "\n".join(lines), {"output_dir": str(run_dir.path), "best_params": best["params"],
+                              "best_score": best["score"], "best_model": str(run_dir.best_model),
+                              "best_trial": {"round": best["round"], "candidate": best["candidate"]}}
 
 
 def _has_checkpoint(path: Path) -> bool:

@@ -139,6 +139,21 @@ def test_trials_stopped_early_are_counted_apart():
     assert re.search(r"stopped", text) and re.search(r"total\s+0\s+1\s+1\s+1\s+6", text)
 
 
+def test_a_trial_reported_again_is_counted_once_and_no_record_is_kept():
+    out, clock = io.StringIO(), FakeClock()
+    display = ProgressDisplay(mode="plain", stream=out, clock=clock)
+    display.search_started(info(rounds=2, popsize=2, trials=[record(0, 0, score=0.1, duration=4.0)],
+                                next_round=0))
+    first = record(0, 1, outcome="crashed", duration=8.0)
+    display.trial_finished(first)
+    display.round_finished(0, [record(0, 0, score=0.1, duration=4.0), first], None)  # both again
+    display.close()
+    assert out.getvalue().splitlines()[-1] == (
+        "[autofinetune] round 1/2 finished: 1 done, 1 failed | best 0.1 (r0c0): x=0.0, n=0 "
+        "| elapsed 0s, left ~6s (trial mean 6.0s)")  # one wave of 2 left
+    assert all(isinstance(v, tuple) for v in display._finished.values())
+
+
 def test_plain_mode_is_thread_safe():
     out = io.StringIO()
     display = ProgressDisplay(mode="plain", stream=out)

@@ -27,6 +27,7 @@ from runtime.slots import Slot
 from runtime.state import (BestTrial, Parent, ParentPlan, RunState, RunStateError, RunStateVersionError,
                            SearchKey)
 from runtime.trial import TrialSpec, read_pid_file, reap_orphans, run_trial
+from watch.visualization import VisualDLLogs
 
 PY = sys.executable
 
@@ -448,6 +449,75 @@ def test_a_run_dir_that_lost_a_finished_round_is_refused_and_left_alone(toy, cap
                                  "of finished rounds are missing; the run dir is the record of the search: "
                                  "restore them from a backup, or start over with a new --output-dir")
     assert run_dir.read_state() == state and not run_dir.round_dir(1).exists()
+
+
+def _finished_search(toy, rounds: int) -> RunDir:
+    """A search that ran all its rounds, written by the plain layer (no trial, no Prefect)."""
+    run_dir, _ = fresh_run(toy, popsize=2, rounds=rounds)
+    for k in range(rounds):
+        records = []
+        for i, params in enumerate(propose(run_dir, k)):
+            run_dir.model_dir(k, i).mkdir(parents=True)
+            records.append({"round": k, "candidate": i, "params": params, "score": 0.25 * i + k,
+                            "outcome": "ok", "saved_params_dir": str(run_dir.model_dir(k, i)), "parent": None})
+            run_dir.write_trial(records[-1])
+        tell_round(run_dir, k, records)
+    return run_dir
+
+
+def test_the_log_file_is_updated_from_the_new_rounds_records_only(toy):
+    run_dir, _ = fresh_run(toy, popsize=3, rounds=3)
+    for k in range(3):
+        records = []
+        for i, params in enumerate(propose(run_dir, k)):
+            run_dir.model_dir(k, i).mkdir(parents=True)
+            outcome = "crashed" if (k, i) == (1, 0) else "ok"
+            records.append({"round": k, "candidate": i, "params": params, "score": [0.5, 0.9, 0.1][i] - k * 0.3,
+                            "outcome": outcome, "saved_params_dir": str(run_dir.model_dir(k, i)), "parent": None})
+            run_dir.write_trial(records[-1])
+        tell_round(run_dir, k, records)
+        best = record_best(run_dir, ["x", "n"], final=False)
+        assert (best["round"], best["candidate"]) == (0, 1)
+    incremental = run_dir.log_file.read_text()
+    run_dir.write_log_file(["x", "n"], run_dir.trials(), final=False)  # from every record
+    assert run_dir.log_file.read_text() == incremental
+    assert run_dir.kept_log_rows(["x", "n"], 3, 3)[1] == 3 and run_dir.kept_log_rows(["x", "n"], 3, 2)[1] == 2
+    run_dir.trial_path(0, 2).unlink()  # an earlier round's record is not read again ...
+    assert record_best(run_dir, ["x", "n"], final=True)["candidate"] == 1
+    assert run_dir.log_file.read_text().startswith("The final best hyperparameters:")
+    run_dir.log_file.write_text("edited by hand\n")  # ... unless the file is not as written
+    assert run_dir.kept_log_rows(["x", "n"], 3, 3) == ([], 0)
+    record_best(run_dir, ["x", "n"], final=True)  # from every record again: the removed one is gone
+    assert len(run_dir.log_file.read_text().splitlines()) == 5 + 1 + 8
+
+
+_CLI_NOTING_PREFECT = ("import sys\nfrom flows.cli import main\ncode = main(sys.argv[1:])\n"
+                       "print('prefect imported:', any(m.split('.')[0] == 'prefect' for m in sys.modules))\n"
+                       "sys.exit(code)\n")
+
+
+def test_the_command_of_a_finished_search_answers_from_the_run_dir_without_prefect(toy):
+    run_dir = _finished_search(toy, rounds=2)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_API_URL="http://127.0.0.1:9/api")  # nothing there
+    command = [sys.executable, "-c", _CLI_NOTING_PREFECT, "train.py", "--output-dir", "out", "--popsize", "2"]
+    done = subprocess.run(command + ["--round", "2"], cwd=toy, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    best = run_dir.read_trial(1, 1)
+    assert done.stdout.splitlines() == [
+        "The final best hyperparameters:", *(f"{n}={best['params'][n]}" for n in ("x", "n")),
+        "The final best eval score is 1.25.",
+        f"The final best model parameters are saved as {run_dir.best_model} .", "prefect imported: False"]
+    assert "already ran its 2 rounds; raise --round to extend it" in done.stderr
+    assert run_dir.log_file.read_text().startswith("The final best hyperparameters:")  # finished on disk
+    assert run_dir.best_model.is_dir() and VisualDLLogs(run_dir.visualization).rounds_written == 2
+    # The same validation as a resume: another search is refused; a raised --round resumes (with
+    # Prefect: its API here does not answer, so the run says it could not run).
+    other = subprocess.run(command + ["--round", "2", "--tuning-strategy", "pshe2"], cwd=toy, env=env,
+                           capture_output=True, text=True)
+    assert other.returncode == 2 and "--tuning-strategy was hazero, now pshe2" in other.stderr
+    more = subprocess.run(command + ["--round", "3"], cwd=toy, env=env, capture_output=True, text=True)
+    assert more.returncode == 3 and "prefect imported: True" in more.stdout, more.stderr
+    assert run_dir.read_state().next_round == 2
 
 
 def test_a_resume_with_another_search_says_what_differs(toy):

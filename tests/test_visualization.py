@@ -199,6 +199,25 @@ def test_a_round_told_twice_even_by_a_fresh_process_is_written_once(tmp_path):
     assert VisualDLLogs(vis).rounds_written == 2
 
 
+def test_a_watcher_keeps_a_few_records_per_written_round_and_writes_the_same_points(tmp_path):
+    gpu = [record(k, i, 0.1 * i, 2, -0.1 * i - k, gpu="0", samples=[{"t": 0.5 * j, "utilization": 50 + j}
+                                                                     for j in range(2 + i)])
+           for k in range(3) for i in range(3)]
+    rounds = [gpu[3 * k:3 * k + 3] for k in range(3)]
+    step_by_step, at_once = tmp_path / "a", tmp_path / "b"
+    watcher = VisualDLWatcher(output_dir=step_by_step, names=["x", "n"])
+    for k, records in enumerate(rounds):
+        watcher.round_finished(k, records, None)
+        assert len(watcher._rounds[0]) == 1 + 2  # round 0's best, and the others' GPU samples to count
+        assert set(watcher._rounds[0][1]) == {"round", "candidate", "gpu", "gpu_samples"}
+    write_trials(at_once, rounds)
+    VisualDLWatcher(output_dir=at_once, names=["x", "n"]).search_started({"next_round": 3})
+    a, b = step_by_step / "visualization", at_once / "visualization"
+    assert all_steps(a) == all_steps(b)
+    for tag in ("hyperparameter_tuning/best_eval_value", "hyperparameter_tuning/x", "gpu/0/utilization"):
+        assert read_scalars(a, MAIN_RUN, tag) == read_scalars(b, MAIN_RUN, tag)
+
+
 def test_a_half_written_round_is_cut_and_a_missed_round_is_caught_up(tmp_path):
     out = tmp_path / "out"
     write_trials(out, ROUNDS)

@@ -167,7 +167,13 @@ class ProgressDisplay:
         self._round = 0
         self._round_t0: float | None = None
         self._round_done: set[int] = set()
-        self._finished: dict[tuple[int, int], dict] = {}
+        # Per finished trial only (ok, seconds), and running sums: a search of thousands of
+        # trials neither keeps every record (~3.5 KB each) nor rescans them on every event.
+        self._finished: dict[tuple[int, int], tuple[bool, bool, float | None]] = {}  # (ok, pruned, s)
+        self._per_round: dict[int, list[int]] = {}  # k -> [ok, pruned, finished]
+        self._total_ok = 0
+        self._total_pruned = 0
+        self._durations = [0.0, 0]  # sum, count
         self._running: dict[tuple[int, int], tuple[str, float]] = {}
         self._best: dict | None = None
         self._finished_all = False
@@ -203,7 +209,7 @@ class ProgressDisplay:
             self._round_done = set(range(int(info.get("next_round", 0))))
             for record in info.get("trials") or ():
                 if record.get("outcome") in FINAL_OUTCOMES:
-                    self._finished[(record["round"], record["candidate"])] = record
+                    self._count(record)
                     self._consider_best(record)
             resumed = bool(info.get("resumed"))
             finished = len(self._finished)
@@ -242,7 +248,7 @@ class ProgressDisplay:
             took = f" in {duration:.1f}s" if isinstance(duration, (int, float)) else ""
             new_best = False
             if outcome in FINAL_OUTCOMES:
-                self._finished[(k, i)] = record
+                self._count(record)
                 new_best = self._consider_best(record)
             if outcome == "ok":
                 what = f"done{took}, score {record['score']:.6g}" + (" (new best)" if new_best else "")
@@ -263,7 +269,7 @@ class ProgressDisplay:
         with self._lock:
             for record in records:
                 if record.get("outcome") in FINAL_OUTCOMES:
-                    self._finished[(record["round"], record["candidate"])] = record
+                    self._count(record)
             if best is not None:
                 self._best = best  # the run dir's verdict (trial_rank_key) wins
             self._round_done.add(k)
@@ -282,7 +288,7 @@ class ProgressDisplay:
     def search_finished(self, summary: dict) -> None:
         with self._lock:
             self._finished_all = True
-            done = sum(1 for r in self._finished.values() if r.get("outcome") == "ok")
+            done = self._total_ok
             pruned = self._pruned()
             failed = len(self._finished) - done - pruned
             elapsed = format_duration(self._clock() - self._t0) if self._t0 is not None else "?"
@@ -314,6 +320,27 @@ class ProgressDisplay:
             self._restore.pop()()
 
     # -- counting (callers hold self._lock) --------------------------------------------
+    def _count(self, record: dict) -> None:
+        """Count a finished trial once (a trial reported again replaces its first count)."""
+        key = (record["round"], record["candidate"])
+        duration = record.get("duration_s")
+        now = (record.get("outcome") == "ok", record.get("outcome") == "pruned",
+               duration if isinstance(duration, (int, float)) else None)
+        for entry, sign in ((self._finished.get(key), -1), (now, 1)):
+            if entry is None:
+                continue
+            ok, pruned, seconds = entry
+            counts = self._per_round.setdefault(key[0], [0, 0, 0])
+            counts[0] += sign * ok
+            counts[1] += sign * pruned
+            counts[2] += sign
+            self._total_ok += sign * ok
+            self._total_pruned += sign * pruned
+            if seconds is not None:
+                self._durations[0] += sign * seconds
+                self._durations[1] += sign
+        self._finished[key] = now
+
     def _consider_best(self, record: dict) -> bool:
         if record.get("outcome") != "ok" or record.get("score") is None:
             return False
@@ -324,15 +351,13 @@ class ProgressDisplay:
 
     def _round_counts(self, k: int) -> tuple[int, int, int]:
         """(done, failed, running) of round k; trials stopped early are in neither (``_pruned``)."""
-        mine = [r for (rk, _), r in self._finished.items() if rk == k]
-        done = sum(1 for r in mine if r.get("outcome") == "ok")
+        done, pruned, finished = self._per_round.get(k, (0, 0, 0))
         running = sum(1 for (rk, _) in self._running if rk == k)
-        return done, len(mine) - done - self._pruned(k), running
+        return done, finished - done - pruned, running
 
     def _pruned(self, k: int | None = None) -> int:
         """Trials stopped early, of round k or (None) of the whole search."""
-        return sum(1 for (rk, _), r in self._finished.items()
-                   if r.get("outcome") == "pruned" and (k is None or rk == k))
+        return self._total_pruned if k is None else self._per_round.get(k, (0, 0, 0))[1]
 
     def _best_text(self, *, params: bool) -> str:
         best = self._best
@@ -345,11 +370,10 @@ class ProgressDisplay:
 
     def _estimate(self) -> tuple[float | None, float | None]:
         """(seconds left, mean trial seconds) — see the module docstring."""
-        durations = [r["duration_s"] for r in self._finished.values()
-                     if isinstance(r.get("duration_s"), (int, float))]
-        if not durations or self._rounds == 0:
+        total, n = self._durations
+        if not n or self._rounds == 0:
             return None, None
-        mean = sum(durations) / len(durations)
+        mean = total / n
         width = max(1, min(self._slots, self._popsize))
         done, failed, _ = self._round_counts(self._round)
         left_now = 0 if self._round in self._round_done else max(0, self._popsize - done - failed)
@@ -366,7 +390,7 @@ class ProgressDisplay:
 
     def _status(self) -> str:
         done, failed, _ = self._round_counts(self._round)
-        total_done = sum(1 for r in self._finished.values() if r.get("outcome") == "ok")
+        total_done = self._total_ok
         total_pruned = self._pruned()
         total_failed = len(self._finished) - total_done - total_pruned
         pruned = (f"{self._pruned(self._round)} stopped early, ", f"{total_pruned} stopped early, ") \
@@ -407,7 +431,7 @@ class ProgressDisplay:
             done, failed, running = self._round_counts(k)
             table.add_row("this round", str(running), str(done), *([str(self._pruned(k))] if stopped else []),
                           str(failed), str(self._popsize))
-            total_done = sum(1 for r in self._finished.values() if r.get("outcome") == "ok")
+            total_done = self._total_ok
             table.add_row("total", str(len(self._running)), str(total_done),
                           *([str(self._pruned())] if stopped else []),
                           str(len(self._finished) - total_done - self._pruned()), str(rounds * self._popsize))

@@ -17,10 +17,11 @@ skipped: watching a search must never break it.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from typing import Any, Protocol
 
-__all__ = ["Watcher", "Watchers"]
+__all__ = ["Watcher", "Watchers", "InBackground"]
 
 _log = logging.getLogger("autofinetune.watch")
 
@@ -58,6 +59,42 @@ class Watchers:
 
     def __repr__(self) -> str:  # shown as the subflow's parameter
         return f"Watchers({', '.join(type(w).__name__ for w in self._watchers)})"
+
+
+class InBackground:
+    """A watcher whose events run on a thread of their own, in order, so that a slow one keeps
+    no round waiting (VisualDL encodes ~4 ms per run it appends to: 0.2-1 s a round at popsize
+    20-100). ``close`` waits for what is queued, then closes the watcher."""
+
+    def __init__(self, watcher: Any) -> None:
+        self.watcher = watcher
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"watch-{type(watcher).__name__}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            _call(self.watcher, *item)
+
+    def search_started(self, info: dict) -> None:
+        self._queue.put(("search_started", info))
+
+    def trial_started(self, k: int, i: int, slot: dict, params: dict) -> None:
+        self._queue.put(("trial_started", k, i, slot, params))
+
+    def trial_finished(self, record: dict) -> None:
+        self._queue.put(("trial_finished", record))
+
+    def round_finished(self, k: int, records: list[dict], best: dict | None) -> None:
+        self._queue.put(("round_finished", k, records, best))
+
+    def search_finished(self, summary: dict) -> None:
+        self._queue.put(("search_finished", summary))
+
+    def close(self) -> None:
+        self._queue.put(("close",))
+        self._queue.put(None)
+        self._thread.join()
 
 
 def _call(watcher: Any, event: str, *args: Any) -> None:
