@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{' ' + ' '.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else ''}`",
         f"- Wall time: {wall:.0f} s ({wall / 60:.1f} min)", *_machine(),
         f"- Other processes on the host used {others:.0f} CPU-seconds during the run "
-        f"({others / wall / 2:.0%} of 2 cores): **the machine was shared** with other work, so times are "
-        "noisy; the ratios compare runs of the same invocation",
+        f"({others / wall / 2:.0%} of 2 cores)" + (": **the machine was shared** with other work, so times are "
+                                                    "noisy; the ratios compare runs of the same invocation"
+                                                    if others / wall / 2 > 0.05 else ": otherwise idle"),
         f"- Search: hazero, fulltrail, popsize {args.popsize} × {args.rounds} rounds, 2 CPU slots, seeds "
         f"{', '.join(map(str, seeds))}; steps per trial: "
         + ", ".join(f"{t} {EPOCHS[t]} of {PASSES[t]} epochs each" for t in TASKS), "",
