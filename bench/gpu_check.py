@@ -263,7 +263,8 @@ def plain_search(args: argparse.Namespace, work: Path, out: str, *, popsize: int
     run_dir.path.mkdir(parents=True)
     run_dir.write_state(new_state(settings.search, settings.rounds, settings.run))
     logger = logging.getLogger("gpu_check")
-    with ThreadPoolExecutor(max_workers=len(settings.slots)) as threads:
+    # Trials launch only while a search holds the run dir (runtime.rundir.TrialStop).
+    with run_dir.lock(), ThreadPoolExecutor(max_workers=len(settings.slots)) as threads:
         for k in range(rounds):
             candidates = propose(run_dir, k)
             records = list(threads.map(lambda i: run_candidate(run_dir, k, i, candidates[i], None, pool, logger),

@@ -23,6 +23,7 @@ import fcntl
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 from runtime.atomic_files import fsync_dir, read_json, write_json_atomic, write_text_atomic
@@ -96,6 +97,36 @@ class StopMarker:
 
     def __repr__(self) -> str:
         return f"StopMarker({str(self.path)!r})"
+
+
+class TrialStop:
+    """A trial's stop check: ``OUTPUT/.stop`` is set, or no live search holds the run dir.
+
+    The second case is a trial task that outlived its search: on Dask a task cancelled after a
+    stop may already be on its way to a worker, and reach its launch after the search exited and
+    removed its ``.stop``. It must launch nothing (and a trial running then is terminated). The
+    lock is tried at most once a second; the marker is a stat on every call.
+    """
+
+    LOCK_CHECK_S = 1.0
+
+    def __init__(self, run_dir: "RunDir") -> None:
+        self.run_dir = run_dir
+        self.marker = run_dir.stop
+        self._next_check = 0.0
+        self._gone = False
+
+    def is_set(self) -> bool:
+        if self.marker.is_set():
+            return True
+        now = time.monotonic()
+        if not self._gone and now >= self._next_check:
+            self._next_check = now + self.LOCK_CHECK_S
+            self._gone = not self.run_dir.held()
+        return self._gone
+
+    def __repr__(self) -> str:
+        return f"TrialStop({str(self.run_dir.path)!r})"
 
 
 class RunDir:
@@ -197,6 +228,27 @@ class RunDir:
     def stop(self) -> StopMarker:
         """``OUTPUT/.stop``: present while a stop is requested."""
         return StopMarker(self.path / ".stop")
+
+    def held(self) -> bool:
+        """Whether a live search holds ``lock()`` now, in any process (on any host that shares
+        the dir through a file system with locks): a shared ``flock`` tried and dropped at once."""
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDONLY)
+        except OSError:  # no lock file: no search ever held it
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # locks not supported here: cannot tell, so do not stop anything
+            return True
+        finally:
+            os.close(fd)  # drops the shared lock, if taken
+        return False
+
+    def trial_stop(self) -> "TrialStop":
+        """What a trial of this search obeys: the stop, or its search being gone (see ``TrialStop``)."""
+        return TrialStop(self)
 
     # -- state -------------------------------------------------------------------------
     def read_state(self) -> RunState | None:

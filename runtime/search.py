@@ -142,8 +142,8 @@ def run_candidate(run_dir: RunDir, k: int, i: int, params: dict, parent: Parent 
                   placement: Placement, logger) -> dict:
     """Run candidate i of round k on the next free slot of ``placement``, record its outcome
     in ``trial-<i>.json`` and return the record. A trial finished in an earlier run is not run
-    again (its record is returned). A stop (``run_dir.stop``) before launch returns an
-    ``interrupted`` record, written nowhere. ``logger``: a ``logging.Logger``-like object.
+    again (its record is returned). A stop before launch (``run_dir.stop``, or no live search
+    holding the run dir: ``TrialStop``) returns an ``interrupted`` record, written nowhere. ``logger``: a ``logging.Logger``-like object.
     """
     done = finished_trial(run_dir, k, i)
     if done is not None:
@@ -158,7 +158,8 @@ def run_candidate(run_dir: RunDir, k: int, i: int, params: dict, parent: Parent 
                   "saved_params_dir": spec.saved_params_dir, "model_path": spec.model_path,
                   "parent": spec.parent, "log": spec.log_path, "slot": None, "gpu": None, "worker": None}
     else:
-        stop = run_dir.stop
+        # The stop, or no live search holding the dir: a task that outlived its search launches nothing.
+        stop = run_dir.trial_stop()
         try:
             with placement.acquire(stop) as slot:
                 logger.info("running on %s: %s", slot.describe(), " ".join(f"--{n}={v}" for n, v in spec.flags))

@@ -285,6 +285,14 @@ def test_a_cancelled_or_stopped_run_stops_its_trials_and_retry_resumes_it(deploy
         assert state["next_round"] == 1
         assert json.loads((run_dir / "round1" / "trial-1.json").read_text())["outcome"] == "interrupted"
         assert pid_alive(worker.proc.pid)
+        if how == "cancel":
+            # The worker's cancellation manager finishes after the run is Cancelled and proposes
+            # Cancelled once more: a retry in between is cancelled again (Prefect 3.9.1). Retry
+            # after its "Cancelled flow run" line, as a person watching the worker would.
+            deadline = time.monotonic() + 60
+            while "prefect.runner.cancellation_manager - Cancelled flow run" not in worker.output():
+                assert time.monotonic() < deadline, worker.output()
+                time.sleep(0.2)
         retry_and_check_resumed(env, run_id, run_dir, events, worker)
     finally:
         worker.stop()

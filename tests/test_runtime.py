@@ -539,8 +539,9 @@ def test_train_candidate_runs_in_a_fresh_process_without_any_flow_set_up(toy, pr
             f"record = train_candidate({str(run_dir.path)!r}, 0, 1, {{'x': 0.25, 'n': 3}}, None, "
             "SlotPool([Slot(index=0, gpu=None)]))\n"
             "print('RECORD' + json.dumps(record))\n")
-    done = subprocess.run([PY, "-c", code], cwd=toy, env=dict(prefect_server, PYTHONPATH=str(ROOT)),
-                          capture_output=True, text=True, timeout=120)
+    with run_dir.lock():  # the search, in another process, holds the run dir
+        done = subprocess.run([PY, "-c", code], cwd=toy, env=dict(prefect_server, PYTHONPATH=str(ROOT)),
+                              capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(done.stdout.split("RECORD", 1)[1])
     assert record["outcome"] == "ok" and record["params"] == {"x": 0.25, "n": 3}
@@ -638,6 +639,42 @@ def test_a_trial_whose_workers_keep_dying_is_recorded_worker_lost_after_one_retr
     assert json.loads(run_dir.trial_path(0, 0).read_text()) == record
     assert not run_dir.pid_path(0, 0).exists() and not run_dir.lost_path(0, 0).exists()
     assert not (run_dir.round_dir(0) / "log-0.info").exists()  # nothing was launched
+
+
+def test_a_trial_task_that_outlived_its_search_launches_nothing_and_a_running_trial_stops_with_it(toy):
+    """On Dask, a task cancelled at a stop may reach its launch after the search exited and
+    removed its .stop: with no live search holding the run dir, nothing may be launched."""
+    import logging
+
+    from conftest import pid_alive
+    from runtime.search import run_candidate
+    from runtime.slots import SlotPool
+
+    run_dir, _ = fresh_run(toy, popsize=1, extras=["sleep", "60"])
+    pool, log, params = SlotPool([Slot(index=0, gpu=None)]), logging.getLogger("test"), {"x": 0.0, "n": 1}
+    assert not run_dir.held() and not run_dir.stop.is_set()
+    record = run_candidate(run_dir, 0, 0, params, None, pool, log)  # no search holds the dir
+    assert record["outcome"] == "interrupted" and record["error"] == "stopped before launch"
+    assert not run_dir.pid_path(0, 0).exists() and not run_dir.trial_path(0, 0).exists()
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom runtime.rundir import RunDir\n"
+                               f"with RunDir({str(run_dir.path)!r}).lock():\n"
+                               "    print('held', flush=True)\n    time.sleep(120)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    result: dict = {}
+    try:
+        assert holder.stdout.readline().strip() == "held" and run_dir.held()
+        runner = threading.Thread(target=lambda: result.update(run_candidate(run_dir, 0, 0, params, None, pool, log)))
+        runner.start()
+        deadline = time.monotonic() + 30
+        while not run_dir.pid_path(0, 0).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = json.loads(run_dir.pid_path(0, 0).read_text())["pid"]  # launched: a live search holds the dir
+    finally:
+        holder.kill()  # that search dies (its .stop never set)
+        holder.wait()
+    runner.join(timeout=20)
+    assert not runner.is_alive() and result["outcome"] == "interrupted", result
+    assert not pid_alive(pid) and not run_dir.held()
 
 
 def test_a_log_tail_never_carries_control_characters_to_the_terminal(tmp_path):
