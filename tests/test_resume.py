@@ -109,10 +109,11 @@ def test_external_sigkill_mid_round_reaps_orphans_and_resumes(work, prefect_serv
     deadline = time.monotonic() + 180
     while not running.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert running.exists(), "round 1's third trial never started"
     proc.kill()
-    finish(proc)
+    _, killed_log = finish(proc)
     orphans = [json.loads(p.read_text())["pid"] for p in (work / "run").glob("round*/.pid-*")]
-    assert any(pid_alive(p) for p in orphans)  # the kill left trials running
+    assert any(pid_alive(p) for p in orphans), (orphans, killed_log[-3000:])  # the kill left trials running
     code, log = run_cli(work, prefect_server, "run", "sleep", "3")
     assert code == 0, log[-3000:]
     assert not any(pid_alive(p) for p in orphans)
