@@ -23,7 +23,9 @@ import fcntl
 import math
 import os
 import shutil
+import socket
 import time
+import uuid
 from pathlib import Path
 
 from runtime.atomic_files import fsync_dir, read_json, write_json_atomic, write_text_atomic
@@ -33,7 +35,7 @@ from runtime.state import RunState
 __all__ = ["RunDir", "RunDirBusy", "StopMarker", "trial_rank_key", "START_FILES"]
 
 # What a run puts in its dir before state.json exists (so a run that failed to start may leave them).
-START_FILES = (".lock", ".prefect-server", ".stop")
+START_FILES = (".lock", ".live", ".prefect-server", ".stop")
 
 _FINAL_BEST_HEADER = "The final best hyperparameters:"
 
@@ -100,29 +102,31 @@ class StopMarker:
 
 
 class TrialStop:
-    """A trial's stop check: ``OUTPUT/.stop`` is set, or no live search holds the run dir.
+    """A trial's stop check: ``OUTPUT/.stop`` is set, or the search that was live when the check
+    was made (``RunDir.live_token``) no longer is: it ended, or another search took the dir.
 
     The second case is a trial task that outlived its search: on Dask a task cancelled after a
     stop may already be on its way to a worker, and reach its launch after the search exited and
     removed its ``.stop``. It must launch nothing (and a trial running then is terminated). The
-    lock is tried at most once a second; the marker is a stat on every call.
+    token is read at most once a second; the marker is a stat on every call.
     """
 
-    LOCK_CHECK_S = 1.0
+    LIVE_CHECK_S = 1.0
 
     def __init__(self, run_dir: "RunDir") -> None:
         self.run_dir = run_dir
         self.marker = run_dir.stop
-        self._next_check = 0.0
-        self._gone = False
+        self.token = run_dir.live_token()
+        self._next_check = time.monotonic() + self.LIVE_CHECK_S
+        self._gone = self.token is None
 
     def is_set(self) -> bool:
         if self.marker.is_set():
             return True
         now = time.monotonic()
         if not self._gone and now >= self._next_check:
-            self._next_check = now + self.LOCK_CHECK_S
-            self._gone = not self.run_dir.held()
+            self._next_check = now + self.LIVE_CHECK_S
+            self._gone = self.run_dir.live_token() != self.token
         return self._gone
 
     def __repr__(self) -> str:
@@ -217,11 +221,15 @@ class RunDir:
             os.close(fd)
             raise RunDirBusy(f"{self.path}: another autofinetune run (pid {holder}) is using this "
                              "output directory; wait for it to finish or choose another --output-dir")
+        token = f"{os.getpid()}@{socket.gethostname()} {uuid.uuid4().hex}"
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            write_text_atomic(self.live_path, token + "\n")
             yield
         finally:
+            if self.live_token() == token:
+                self.live_path.unlink(missing_ok=True)
             os.close(fd)
 
     @property
@@ -229,22 +237,19 @@ class RunDir:
         """``OUTPUT/.stop``: present while a stop is requested."""
         return StopMarker(self.path / ".stop")
 
-    def held(self) -> bool:
-        """Whether a live search holds ``lock()`` now, in any process (on any host that shares
-        the dir through a file system with locks): a shared ``flock`` tried and dropped at once."""
+    @property
+    def live_path(self) -> Path:
+        """``OUTPUT/.live``: the token of the process holding ``lock()``, while it holds it."""
+        return self.path / ".live"
+
+    def live_token(self) -> str | None:
+        """The token of the live search holding the dir (``lock()``), None when there is none.
+        A plain file, so a Dask worker on another host sees it whatever the file system's locks
+        do; a SIGKILLed holder leaves its token, which the next holder replaces."""
         try:
-            fd = os.open(self.path / ".lock", os.O_RDONLY)
-        except OSError:  # no lock file: no search ever held it
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError:  # locks not supported here: cannot tell, so do not stop anything
-            return True
-        finally:
-            os.close(fd)  # drops the shared lock, if taken
-        return False
+            return self.live_path.read_text().strip() or None
+        except OSError:
+            return None
 
     def trial_stop(self) -> "TrialStop":
         """What a trial of this search obeys: the stop, or its search being gone (see ``TrialStop``)."""

@@ -652,17 +652,19 @@ def test_a_trial_task_that_outlived_its_search_launches_nothing_and_a_running_tr
 
     run_dir, _ = fresh_run(toy, popsize=1, extras=["sleep", "60"])
     pool, log, params = SlotPool([Slot(index=0, gpu=None)]), logging.getLogger("test"), {"x": 0.0, "n": 1}
-    assert not run_dir.held() and not run_dir.stop.is_set()
+    assert run_dir.live_token() is None and not run_dir.stop.is_set()
     record = run_candidate(run_dir, 0, 0, params, None, pool, log)  # no search holds the dir
     assert record["outcome"] == "interrupted" and record["error"] == "stopped before launch"
     assert not run_dir.pid_path(0, 0).exists() and not run_dir.trial_path(0, 0).exists()
-    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom runtime.rundir import RunDir\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom runtime.rundir import RunDir\n"
                                f"with RunDir({str(run_dir.path)!r}).lock():\n"
-                               "    print('held', flush=True)\n    time.sleep(120)"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                               "    print('held', flush=True)\n    sys.stdin.readline()"],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     result: dict = {}
     try:
-        assert holder.stdout.readline().strip() == "held" and run_dir.held()
+        assert holder.stdout.readline().strip() == "held"
+        token = run_dir.live_token()
+        assert token and token.startswith(f"{holder.pid}@")
         runner = threading.Thread(target=lambda: result.update(run_candidate(run_dir, 0, 0, params, None, pool, log)))
         runner.start()
         deadline = time.monotonic() + 30
@@ -670,11 +672,28 @@ def test_a_trial_task_that_outlived_its_search_launches_nothing_and_a_running_tr
             time.sleep(0.05)
         pid = json.loads(run_dir.pid_path(0, 0).read_text())["pid"]  # launched: a live search holds the dir
     finally:
-        holder.kill()  # that search dies (its .stop never set)
-        holder.wait()
+        holder.communicate("\n", timeout=30)  # that search ends (without setting .stop)
+    assert run_dir.live_token() is None
     runner.join(timeout=20)
     assert not runner.is_alive() and result["outcome"] == "interrupted", result
-    assert not pid_alive(pid) and not run_dir.held()
+    assert not pid_alive(pid)
+
+
+def test_the_live_token_names_the_holder_and_a_new_search_replaces_a_killed_ones(tmp_path, monkeypatch):
+    from runtime.rundir import TrialStop
+
+    monkeypatch.setattr(TrialStop, "LIVE_CHECK_S", 0.0)  # look at every call
+    run_dir = RunDir(tmp_path)
+    with run_dir.lock():
+        first = run_dir.live_token()
+        assert first and first.startswith(f"{os.getpid()}@{os.uname().nodename} ")
+    assert run_dir.live_token() is None  # released: no live search
+    run_dir.live_path.write_text("123@elsewhere deadbeef\n")  # a SIGKILLed holder's leftover
+    stop = run_dir.trial_stop()  # a task of that search, created before the new one started
+    assert not stop.is_set()
+    with run_dir.lock():
+        assert run_dir.live_token() not in (None, first, "123@elsewhere deadbeef")
+        assert stop.is_set()  # another search holds the dir now: that task stops
 
 
 def test_a_log_tail_never_carries_control_characters_to_the_terminal(tmp_path):
