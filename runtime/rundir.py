@@ -32,7 +32,7 @@ from runtime.atomic_files import fsync_dir, read_json, write_json_atomic, write_
 from runtime.kill_points import kill_point
 from runtime.state import RunState
 
-__all__ = ["RunDir", "RunDirBusy", "StopMarker", "trial_rank_key", "START_FILES"]
+__all__ = ["RunDir", "RunDirBusy", "StopMarker", "TrialStop", "trial_rank_key", "START_FILES"]
 
 # What a run puts in its dir before state.json exists (so a run that failed to start may leave them).
 START_FILES = (".lock", ".live", ".prefect-server", ".stop")
@@ -250,10 +250,6 @@ class RunDir:
             return self.live_path.read_text().strip() or None
         except OSError:
             return None
-
-    def trial_stop(self) -> "TrialStop":
-        """What a trial of this search obeys: the stop, or its search being gone (see ``TrialStop``)."""
-        return TrialStop(self)
 
     # -- state -------------------------------------------------------------------------
     def read_state(self) -> RunState | None:

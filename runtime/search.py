@@ -14,7 +14,7 @@ from pathlib import Path
 from runtime.early_stopping import Reference
 from runtime.kill_points import kill_point
 from runtime.population import plan_parents
-from runtime.rundir import RunDir, trial_rank_key
+from runtime.rundir import RunDir, TrialStop, trial_rank_key
 from runtime.state import BestTrial, Parent, ParentPlan, RunOptions, RunState, SearchKey
 from runtime.slots import Placement, SlotWaitInterrupted
 from runtime.atomic_files import read_json, write_json_atomic
@@ -142,8 +142,9 @@ def run_candidate(run_dir: RunDir, k: int, i: int, params: dict, parent: Parent 
                   placement: Placement, logger) -> dict:
     """Run candidate i of round k on the next free slot of ``placement``, record its outcome
     in ``trial-<i>.json`` and return the record. A trial finished in an earlier run is not run
-    again (its record is returned). A stop before launch (``run_dir.stop``, or no live search
-    holding the run dir: ``TrialStop``) returns an ``interrupted`` record, written nowhere. ``logger``: a ``logging.Logger``-like object.
+    again (its record is returned). A stop before launch (``run_dir.stop``, or its search no
+    longer live: ``TrialStop``) returns an ``interrupted`` record, written nowhere. ``logger``:
+    a ``logging.Logger``-like object.
     """
     done = finished_trial(run_dir, k, i)
     if done is not None:
@@ -158,8 +159,7 @@ def run_candidate(run_dir: RunDir, k: int, i: int, params: dict, parent: Parent 
                   "saved_params_dir": spec.saved_params_dir, "model_path": spec.model_path,
                   "parent": spec.parent, "log": spec.log_path, "slot": None, "gpu": None, "worker": None}
     else:
-        # The stop, or no live search holding the dir: a task that outlived its search launches nothing.
-        stop = run_dir.trial_stop()
+        stop = TrialStop(run_dir)  # a task that outlived its search launches nothing
         try:
             with placement.acquire(stop) as slot:
                 logger.info("running on %s: %s", slot.describe(), " ".join(f"--{n}={v}" for n, v in spec.flags))

@@ -90,6 +90,13 @@ class Worker:
     def output(self) -> str:
         return self.log_path.read_text()[-4000:]
 
+    def wait_for_line(self, text: str, timeout: float = 60) -> None:
+        """Wait until the worker has logged ``text`` (anywhere in its log)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_path.read_text():
+            assert time.monotonic() < deadline, self.output()
+            time.sleep(0.2)
+
     def stop(self) -> None:
         for pid in [self.proc.pid, *descendants(self.proc.pid)]:
             try:
@@ -242,10 +249,7 @@ def test_a_killed_run_is_crashed_by_its_worker_and_retry_resumes_it(deployed, tm
         # The flow-run executor reports the crash at once, the worker once more ~10 s later
         # (after trying to run on_crashed hooks): a retry in between is crashed by that late
         # report (Prefect 3.9.1). Retry after it, as a person in the UI would.
-        deadline = time.monotonic() + 60
-        while "prefect.flow_runs.worker - Check whether" not in worker.output():
-            assert time.monotonic() < deadline, worker.output()
-            time.sleep(0.2)
+        worker.wait_for_line("prefect.flow_runs.worker - Check whether")
         retry_and_check_resumed(env, run_id, run_dir, events, worker)
     finally:
         worker.stop()
@@ -289,10 +293,7 @@ def test_a_cancelled_or_stopped_run_stops_its_trials_and_retry_resumes_it(deploy
             # The worker's cancellation manager finishes after the run is Cancelled and proposes
             # Cancelled once more: a retry in between is cancelled again (Prefect 3.9.1). Retry
             # after its "Cancelled flow run" line, as a person watching the worker would.
-            deadline = time.monotonic() + 60
-            while "prefect.runner.cancellation_manager - Cancelled flow run" not in worker.output():
-                assert time.monotonic() < deadline, worker.output()
-                time.sleep(0.2)
+            worker.wait_for_line("prefect.runner.cancellation_manager - Cancelled flow run")
         retry_and_check_resumed(env, run_id, run_dir, events, worker)
     finally:
         worker.stop()

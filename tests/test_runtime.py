@@ -689,7 +689,7 @@ def test_the_live_token_names_the_holder_and_a_new_search_replaces_a_killed_ones
         assert first and first.startswith(f"{os.getpid()}@{os.uname().nodename} ")
     assert run_dir.live_token() is None  # released: no live search
     run_dir.live_path.write_text("123@elsewhere deadbeef\n")  # a SIGKILLed holder's leftover
-    stop = run_dir.trial_stop()  # a task of that search, created before the new one started
+    stop = TrialStop(run_dir)  # a task of that search, created before the new one started
     assert not stop.is_set()
     with run_dir.lock():
         assert run_dir.live_token() not in (None, first, "123@elsewhere deadbeef")

@@ -167,7 +167,7 @@ class ProgressDisplay:
         self._round = 0
         self._round_t0: float | None = None
         self._round_done: set[int] = set()
-        # Per finished trial only (ok, seconds), and running sums: a search of thousands of
+        # Per finished trial only (ok, pruned, seconds), and running sums: a search of thousands of
         # trials neither keeps every record (~3.5 KB each) nor rescans them on every event.
         self._finished: dict[tuple[int, int], tuple[bool, bool, float | None]] = {}  # (ok, pruned, s)
         self._per_round: dict[int, list[int]] = {}  # k -> [ok, pruned, finished]
@@ -274,8 +274,7 @@ class ProgressDisplay:
                 self._best = best  # the run dir's verdict (trial_rank_key) wins
             self._round_done.add(k)
             took = f" in {format_duration(self._clock() - self._round_t0)}" if self._round_t0 else ""
-            done, failed, _ = self._round_counts(k)
-            pruned = self._pruned(k)
+            done, pruned, failed, _ = self._round_counts(k)
             line = None if self.mode == "live" else (
                 f"{_PREFIX} round {k + 1}/{self._rounds} finished{took}: {done} done, "
                 f"{f'{pruned} stopped early, ' if pruned else ''}{failed} failed"
@@ -288,9 +287,7 @@ class ProgressDisplay:
     def search_finished(self, summary: dict) -> None:
         with self._lock:
             self._finished_all = True
-            done = self._total_ok
-            pruned = self._pruned()
-            failed = len(self._finished) - done - pruned
+            done, pruned, failed = self._totals()
             elapsed = format_duration(self._clock() - self._t0) if self._t0 is not None else "?"
             line = None if self.mode == "live" else (
                 f"{_PREFIX} search finished in {elapsed}: {done} done, "
@@ -349,15 +346,15 @@ class ProgressDisplay:
             return True
         return False
 
-    def _round_counts(self, k: int) -> tuple[int, int, int]:
-        """(done, failed, running) of round k; trials stopped early are in neither (``_pruned``)."""
+    def _round_counts(self, k: int) -> tuple[int, int, int, int]:
+        """(done, stopped early, failed, running) of round k."""
         done, pruned, finished = self._per_round.get(k, (0, 0, 0))
         running = sum(1 for (rk, _) in self._running if rk == k)
-        return done, finished - done - pruned, running
+        return done, pruned, finished - done - pruned, running
 
-    def _pruned(self, k: int | None = None) -> int:
-        """Trials stopped early, of round k or (None) of the whole search."""
-        return self._total_pruned if k is None else self._per_round.get(k, (0, 0, 0))[1]
+    def _totals(self) -> tuple[int, int, int]:
+        """(done, stopped early, failed) of the whole search."""
+        return self._total_ok, self._total_pruned, len(self._finished) - self._total_ok - self._total_pruned
 
     def _best_text(self, *, params: bool) -> str:
         best = self._best
@@ -375,7 +372,7 @@ class ProgressDisplay:
             return None, None
         mean = total / n
         width = max(1, min(self._slots, self._popsize))
-        done, failed, _ = self._round_counts(self._round)
+        done, _, failed, _ = self._round_counts(self._round)
         left_now = 0 if self._round in self._round_done else max(0, self._popsize - done - failed)
         later = max(0, self._rounds - self._round - 1)
         waves = math.ceil(left_now / width) + later * math.ceil(self._popsize / width)
@@ -389,11 +386,9 @@ class ProgressDisplay:
         return f"elapsed {elapsed}, left ~{format_duration(left)} (trial mean {mean:.1f}s)"
 
     def _status(self) -> str:
-        done, failed, _ = self._round_counts(self._round)
-        total_done = self._total_ok
-        total_pruned = self._pruned()
-        total_failed = len(self._finished) - total_done - total_pruned
-        pruned = (f"{self._pruned(self._round)} stopped early, ", f"{total_pruned} stopped early, ") \
+        done, round_pruned, failed, _ = self._round_counts(self._round)
+        total_done, total_pruned, total_failed = self._totals()
+        pruned = (f"{round_pruned} stopped early, ", f"{total_pruned} stopped early, ") \
             if total_pruned else ("", "")  # said once a trial was stopped early
         return (f"running {len(self._running)} | this round: {done} done, {pruned[0]}{failed} failed of "
                 f"{self._popsize} | total: {total_done} done, {pruned[1]}{total_failed} failed of "
@@ -425,16 +420,16 @@ class ProgressDisplay:
             head = Text(f"round {k + 1}/{rounds} {state}  ·  {self._times()}", no_wrap=False)
             table = Table(box=None, padding=(0, 1), show_edge=False, expand=False)
             table.add_column("trials")
-            stopped = self._pruned() > 0  # a column once a trial was stopped early
+            total_done, total_pruned, total_failed = self._totals()
+            stopped = total_pruned > 0  # a column once a trial was stopped early
             for name in ("running", "done", *(["stopped"] if stopped else []), "failed", "of"):
                 table.add_column(name, justify="right")
-            done, failed, running = self._round_counts(k)
-            table.add_row("this round", str(running), str(done), *([str(self._pruned(k))] if stopped else []),
+            done, pruned, failed, running = self._round_counts(k)
+            table.add_row("this round", str(running), str(done), *([str(pruned)] if stopped else []),
                           str(failed), str(self._popsize))
-            total_done = self._total_ok
             table.add_row("total", str(len(self._running)), str(total_done),
-                          *([str(self._pruned())] if stopped else []),
-                          str(len(self._finished) - total_done - self._pruned()), str(rounds * self._popsize))
+                          *([str(total_pruned)] if stopped else []), str(total_failed),
+                          str(rounds * self._popsize))
             best = Text(_printable(f"best {self._best_text(params=True)}"), overflow="ellipsis")
             now = self._clock()
             running_now = sorted(self._running.items())
