@@ -154,6 +154,14 @@ def test_a_trial_reported_again_is_counted_once_and_no_record_is_kept():
     assert all(isinstance(v, tuple) for v in display._finished.values())
 
 
+def test_the_time_left_does_not_wait_for_trials_already_stopped_early():
+    out = io.StringIO()
+    display = ProgressDisplay(mode="plain", stream=out, clock=FakeClock())
+    display.search_started(info(rounds=1, popsize=3, slots=[{"index": 0, "gpu": None}]))
+    display.trial_finished({**record(0, 0, outcome="pruned", duration=4.0), "curve": [[1, 0.25]]})
+    assert "left ~8s (trial mean 4.0s)" in out.getvalue().splitlines()[-1]  # 2 trials left, one slot
+
+
 def test_plain_mode_is_thread_safe():
     out = io.StringIO()
     display = ProgressDisplay(mode="plain", stream=out)

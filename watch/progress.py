@@ -372,8 +372,8 @@ class ProgressDisplay:
             return None, None
         mean = total / n
         width = max(1, min(self._slots, self._popsize))
-        done, _, failed, _ = self._round_counts(self._round)
-        left_now = 0 if self._round in self._round_done else max(0, self._popsize - done - failed)
+        done, pruned, failed, _ = self._round_counts(self._round)
+        left_now = 0 if self._round in self._round_done else max(0, self._popsize - done - pruned - failed)
         later = max(0, self._rounds - self._round - 1)
         waves = math.ceil(left_now / width) + later * math.ceil(self._popsize / width)
         return mean * waves, mean
